@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from edgeq.compress.quant import QuantScheme, SchemeOverride
 from edgeq.errors import ConfigError
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 ONNX_PRECISIONS = ("fp32", "int8", "int4")
 
@@ -30,11 +30,16 @@ class CompressConfig:
     clip_search: bool = False  # RTN: per-group clipping search on the weights
     device: str = "auto"
     seed: int = 0
+    # calibrated methods (gptq, awq)
+    calib: str | None = None  # .txt / .jsonl / folder; None = the stdlib training text
+    n_samples: int = 128
+    seq_len: int = 256
+    damp: float = 0.01  # GPTQ dampening, fraction of mean(diag H)
+    act_order: bool = True  # GPTQ column order by descending diag(H), with static groups
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
-        self.scheme  # validates bits / group size
-        self.parsed_overrides  # validates override syntax
+        _ = self.scheme, self.parsed_overrides  # validate bits, group size and override syntax early
 
     @property
     def scheme(self) -> QuantScheme:
@@ -55,9 +60,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, ("gguf", "onnx"))
-        _check_choice(
-            f"{self.format} type", self.type, GGUF_TYPES if self.format == "gguf" else ONNX_PRECISIONS
-        )
+        _check_choice(f"{self.format} type", self.type, GGUF_TYPES if self.format == "gguf" else ONNX_PRECISIONS)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy_level={self.accuracy_level} is not supported; expected 0..4")
 

@@ -78,9 +78,7 @@ class SafetensorsFile:
         size = self.path.stat().st_size
         for name, ent in header.items():
             if ent["dtype"] not in _ST_DTYPES or ent["data_offsets"][1] + self._base > size:
-                raise ArtifactError(
-                    f"{self.path}: tensor {name} is truncated or of unknown dtype; file is corrupt"
-                )
+                raise ArtifactError(f"{self.path}: tensor {name} is truncated or of unknown dtype; file is corrupt")
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self._base else None
 
     def keys(self) -> list[str]:
@@ -124,9 +122,7 @@ def weight_files(model_dir: Path) -> list[Path]:
             f"{model_dir} holds only pickle weights (.bin/.pt), which edgeq never unpickles; "
             "expected model.safetensors (convert with save_pretrained(safe_serialization=True))"
         )
-    raise ModelError(
-        f"{model_dir} has no model.safetensors; expected a Hugging Face model dir or an edgeq run dir"
-    )
+    raise ModelError(f"{model_dir} has no model.safetensors; expected a Hugging Face model dir or an edgeq run dir")
 
 
 @dataclass
@@ -145,20 +141,14 @@ class RunDir:
         if not path.exists():
             raise ModelError(f"model or run dir {str(path)!r} does not exist; expected a directory path")
         if not path.is_dir():
-            raise ModelError(
-                f"{str(path)!r} is a file, not a model dir; expected a directory with config.json"
-            )
+            raise ModelError(f"{str(path)!r} is a file, not a model dir; expected a directory with config.json")
         cfg_path = path / "config.json"
         if not cfg_path.exists():
-            raise ModelError(
-                f"{str(path)!r} is not a model: no config.json; expected a Hugging Face model dir"
-            )
+            raise ModelError(f"{str(path)!r} is not a model: no config.json; expected a Hugging Face model dir")
         try:
             config = json.loads(cfg_path.read_text())
         except ValueError as exc:
-            raise ModelError(
-                f"{cfg_path} is not valid JSON ({exc}); restore the model's config.json"
-            ) from None
+            raise ModelError(f"{cfg_path} is not valid JSON ({exc}); restore the model's config.json") from None
         if (path / RUN_FILE).exists():
             meta = json.loads((path / RUN_FILE).read_text())
             fp = [SafetensorsFile(path / FP_FILE)]
@@ -262,9 +252,7 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
-        )
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -156,9 +156,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         batch = torch.stack([data[s : s + cfg.seq_len + 1] for s in starts])  # (B, T+1)
         out_ = model(batch[:, :-1])
         logits = out_.logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        )
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

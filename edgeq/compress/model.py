@@ -27,9 +27,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     text = str(model)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise ModelError(
-            f"model dir {text!r} does not exist; expected a local model dir or a hub id like org/name"
-        )
+        raise ModelError(f"model dir {text!r} does not exist; expected a local model dir or a hub id like org/name")
     try:
         from huggingface_hub import snapshot_download
 
@@ -67,16 +65,14 @@ def load_torch_model(path: str | os.PathLike, device: str | torch.device = "cpu"
     check_supported(run.config)
     config = AutoConfig.from_pretrained(run.path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {name: torch.from_numpy(run.tensor(name).copy()) for name in run.names()}
     if config.tie_word_embeddings and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = set(model.state_dict()) - set(state)
     missing = {m for m in missing if "rotary_emb" not in m}
     if missing:
-        raise ModelError(
-            f"{run.path} lacks tensors {sorted(missing)[:3]}...; the model or run dir is incomplete"
-        )
+        raise ModelError(f"{run.path} lacks tensors {sorted(missing)[:3]}...; the model or run dir is incomplete")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -119,13 +119,9 @@ class QuantizedWeight:
         """Validate value ranges (a corrupt run dir must not reach an exporter)."""
         maxq = self.scheme.maxq
         if int(self.codes.max(initial=0)) > maxq or int(self.zeros.max(initial=0)) > maxq:
-            raise ConfigError(
-                f"codes or zeros exceed {maxq} for {self.scheme.bits}-bit; the run dir is corrupt"
-            )
+            raise ConfigError(f"codes or zeros exceed {maxq} for {self.scheme.bits}-bit; the run dir is corrupt")
         if self.scheme.sym and not np.all(self.zeros == self.scheme.sym_zero):
-            raise ConfigError(
-                f"symmetric scheme with zeros != {self.scheme.sym_zero}; the run dir is corrupt"
-            )
+            raise ConfigError(f"symmetric scheme with zeros != {self.scheme.sym_zero}; the run dir is corrupt")
         if not np.all(np.isfinite(self.scales.astype(np.float32))):
             raise ConfigError("non-finite scales in run dir; the run dir is corrupt")
 
@@ -142,9 +138,7 @@ class SchemeOverride:
     def parse(cls, text: str, default: QuantScheme) -> SchemeOverride:
         """Parse ``PATTERN=BITS[:gGROUP][:sym|:asym]`` or ``PATTERN=fp``, e.g. ``down_proj=8:g32``."""
         if "=" not in text:
-            raise ConfigError(
-                f"override {text!r} has no '='; expected PATTERN=BITS[:gGROUP][:sym|:asym] or PATTERN=fp"
-            )
+            raise ConfigError(f"override {text!r} has no '='; expected PATTERN=BITS[:gGROUP][:sym|:asym] or PATTERN=fp")
         pattern, spec = text.split("=", 1)
         try:
             re.compile(pattern)
@@ -170,9 +164,7 @@ class SchemeOverride:
         return cls(pattern, QuantScheme(**fields))
 
 
-def resolve_scheme(
-    name: str, default: QuantScheme, overrides: tuple[SchemeOverride, ...] = ()
-) -> QuantScheme | None:
+def resolve_scheme(name: str, default: QuantScheme, overrides: tuple[SchemeOverride, ...] = ()) -> QuantScheme | None:
     """The scheme for tensor ``name``: the last matching override wins, else the default."""
     chosen: QuantScheme | None = default
     for ov in overrides:

@@ -60,9 +60,7 @@ def codes_for(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme:
     return q.clamp(0, scheme.maxq)
 
 
-def fake_quant(
-    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
-) -> torch.Tensor:
+def fake_quant(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Quantize-dequantize grouped weights with fp16-rounded scales (what the artifact computes)."""
     q = codes_for(wg, scale, zero, scheme)
     return (q - zero[..., None]) * scale.half().float()[..., None]

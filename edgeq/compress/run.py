@@ -23,6 +23,7 @@ from edgeq.compress.model import resolve_model_path
 from edgeq.compress.quant import QuantizedWeight, resolve_scheme
 from edgeq.compress.rtn import _grouped, clip_search, rtn_quantize
 from edgeq.config import CompressConfig
+from edgeq.errors import ConfigError
 from edgeq.rundir import FP_FILE, QUANT_FILE, RUN_FILE, AtomicDir, RunDir
 
 log = logging.getLogger(__name__)
@@ -43,62 +44,111 @@ def quantize_tensor(w: np.ndarray, scheme, config: CompressConfig, device: torch
     return QuantizedWeight(codes.cpu().numpy(), scales.cpu().numpy(), zeros.cpu().numpy(), scheme)
 
 
-def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.PathLike) -> Path:
-    """Quantize ``model`` (local dir or hub id) with ``config`` into the run dir ``out``."""
-    from safetensors.numpy import save_file
-
-    src = RunDir.open(resolve_model_path(model))
-    if src.is_quantized:
-        from edgeq.errors import ConfigError
-
-        raise ConfigError(f"{src.path} is already a quantized run; expected an unquantized source model dir")
-    family = family_for(src.config)
-    device = pick_device(config.device)
-    scheme = config.scheme
-    overrides = config.parsed_overrides
-    t0 = time.time()
-    fp_tensors: dict[str, np.ndarray] = {}
-    quant_tensors: dict[str, np.ndarray] = {}
-    tensor_schemes: dict[str, dict] = {}
-    errors: dict[str, float] = {}
-    names = src.names()
+def _iter(names, desc):
     try:
         from tqdm import tqdm
 
-        iterator = tqdm(names, desc=f"rtn {scheme.label}", unit="tensor", disable=None, leave=False)
+        return tqdm(names, desc=desc, unit="tensor", disable=None, leave=False)
     except ImportError:  # tqdm is in the compress extra, but progress is never required
-        iterator = names
-    for name in iterator:
-        w = src.fp_tensor(name)
-        chosen = resolve_scheme(name, scheme, overrides) if family.quantizable(name) else None
-        if chosen is None:
-            fp_tensors[name] = np.ascontiguousarray(w)
-            continue
-        chosen.groups(w.shape[1])  # a clear error before any work when the group does not divide
-        qw = quantize_tensor(w, chosen, config, device)
-        quant_tensors[f"{name}.codes"] = qw.codes
-        quant_tensors[f"{name}.scales"] = qw.scales
-        quant_tensors[f"{name}.zeros"] = qw.zeros
-        tensor_schemes[name] = chosen.to_dict()
-        w32 = np.asarray(w, dtype=np.float32)
-        errors[name] = float(np.sum((qw.dequantize() - w32) ** 2) / max(np.sum(w32**2), 1e-30))
+        return names
+
+
+def rtn_tensors(src: RunDir, config: CompressConfig, scheme_for, device) -> dict[str, QuantizedWeight]:
+    """RTN streams the source one tensor at a time: no calibration, no model in memory."""
+    out = {}
+    for name in _iter(src.names(), f"rtn {config.scheme.label}"):
+        chosen = scheme_for(name)
+        if chosen is not None:
+            out[name] = quantize_tensor(src.fp_tensor(name), chosen, config, device)
+    return out
+
+
+def calibrated_tensors(src: RunDir, config: CompressConfig, scheme_for, device, state_dir, resume) -> tuple[dict, dict]:
+    """GPTQ (and later AWQ) through the layer-sequential driver."""
+    from edgeq.compress import gptq
+    from edgeq.compress.calibration import calibration_ids, read_calibration_texts, sequential_quantize
+    from edgeq.compress.model import load_torch_model
+
+    torch.manual_seed(config.seed)
+    family = family_for(src.config)
+    model = load_torch_model(src.path, "cpu")
+    n_ctx = src.config.get("max_position_embeddings") or config.seq_len
+    if config.seq_len > n_ctx:
+        raise ConfigError(f"seq_len={config.seq_len} exceeds the model's context {n_ctx}; use --seq-len {n_ctx}")
+    texts = read_calibration_texts(config.calib)
+    ids = calibration_ids(src.path / "tokenizer.json", texts, config.n_samples, config.seq_len, config.seed)
+    method = gptq.make_block_method(family, scheme_for, config.damp, config.act_order)
+    results, stats = sequential_quantize(model, family, ids, method, device, state_dir, resume)
+    out = {}
+    for name, (codes, scales, zeros) in results.items():
+        out[name] = QuantizedWeight(codes.numpy(), scales.numpy(), zeros.numpy(), scheme_for(name))
+    return out, stats
+
+
+def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.PathLike, resume: bool = False) -> Path:
+    """Quantize ``model`` (local dir or hub id) with ``config`` into the run dir ``out``.
+
+    Calibrated methods keep resumable state in ``OUT.state/`` (removed on success); ``resume=True``
+    continues from the last finished block.
+    """
+    src = RunDir.open(resolve_model_path(model))
+    if src.is_quantized:
+        raise ConfigError(f"{src.path} is already a quantized run; expected an unquantized source model dir")
+    family = family_for(src.config)
+    device = pick_device(config.device)
+    out = Path(out)
+    state_dir = out.with_name(out.name + ".state")
+    overrides = config.parsed_overrides
+
+    def scheme_for(name: str):
+        return resolve_scheme(name, config.scheme, overrides) if family.quantizable(name) else None
+
+    for name in src.names():  # refuse a group size that does not divide before any work
+        if (chosen := scheme_for(name)) is not None:
+            chosen.groups(src.shape(name)[1])
+    t0 = time.time()
+    stats: dict = {}
+    if config.method == "rtn":
+        quantized = rtn_tensors(src, config, scheme_for, device)
+    else:
+        quantized, stats = calibrated_tensors(src, config, scheme_for, device, state_dir, resume)
     meta = {
         "edgeq_version": __version__,
         "method": config.method,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
-        "scheme": scheme.to_dict(),
-        "tensors": tensor_schemes,
+        "scheme": config.scheme.to_dict(),
+        "tensors": {name: qw.scheme.to_dict() for name, qw in quantized.items()},
         "source": src.source_info(),
         "model_type": src.model_type,
         "timings_s": {"total": time.time() - t0},
-        "weight_rel_error": errors,
+        "blocks": stats,
+        "weight_rel_error": {name: _rel_error(src.fp_tensor(name), qw) for name, qw in quantized.items()},
         "device": str(device),
     }
+    write_run(src, quantized, meta, out)
+    from edgeq.compress.state import clear_state
+
+    clear_state(state_dir)
+    log.info("wrote %s (%d quantized tensors, %.1fs)", out, len(quantized), time.time() - t0)
+    return out
+
+
+def _rel_error(w: np.ndarray, qw: QuantizedWeight) -> float:
+    w32 = np.asarray(w, dtype=np.float32)
+    return float(np.sum((qw.dequantize() - w32) ** 2) / max(float(np.sum(w32**2)), 1e-30))
+
+
+def write_run(src: RunDir, quantized: dict[str, QuantizedWeight], meta: dict, out: Path) -> None:
+    """Write the run dir atomically: side files, fp tensors, codes/scales/zeros, run.json."""
+    from safetensors.numpy import save_file
+
+    fp = {n: np.ascontiguousarray(src.fp_tensor(n)) for n in src.names() if n not in quantized}
+    quant = {}
+    for name, qw in quantized.items():
+        quant[f"{name}.codes"], quant[f"{name}.scales"], quant[f"{name}.zeros"] = qw.codes, qw.scales, qw.zeros
     with AtomicDir(out) as tmp:
         for f in src.side_files():
             shutil.copy2(f, tmp / f.name)
-        save_file(fp_tensors, str(tmp / FP_FILE))
-        save_file(quant_tensors, str(tmp / QUANT_FILE))
+        save_file(fp, str(tmp / FP_FILE))
+        save_file(quant, str(tmp / QUANT_FILE))
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("wrote %s (%d quantized tensors, %.1fs)", out, len(tensor_schemes), time.time() - t0)
-    return Path(out)

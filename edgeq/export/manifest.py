@@ -77,9 +77,7 @@ class Manifest:
         for entry in self.files:
             p = self.root / entry.path
             if not p.is_file():
-                raise ArtifactError(
-                    f"artifact file {str(p)!r} named in {self.path} is missing; re-export the artifact"
-                )
+                raise ArtifactError(f"artifact file {str(p)!r} named in {self.path} is missing; re-export the artifact")
             size = p.stat().st_size
             if size != entry.bytes:
                 raise ArtifactError(

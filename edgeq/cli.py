@@ -1,0 +1,190 @@
+"""The ``edgeq`` command line: a thin layer over ``edgeq.api``.
+
+Heavy imports (torch, transformers, onnx, llama.cpp) happen inside command bodies so that
+``edgeq --help`` and every ``--help`` answer fast. User errors (``EdgeqError``) print one line,
+``error: ...``, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeq")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def cli(verbose: bool) -> None:
+    """Compress a language model, export it exactly to GGUF/ONNX, and measure it on a device."""
+    _setup_logging(verbose)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True)
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=32, show_default=True, help="Weights per scale; -1 = per channel.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (fixed zero) or asymmetric codes.")
+@click.option(
+    "--override", "overrides", multiple=True, metavar="PATTERN=SPEC", help="Per-tensor scheme, e.g. down_proj=8:g32."
+)
+@click.option("--clip-search", is_flag=True, help="Search a per-group clipping ratio (RTN).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run dir to write.")
+def compress(model, method, bits, group_size, sym, overrides, clip_search, device, out) -> None:
+    """Quantize MODEL (a model dir or hub id) into a run dir of integer codes, scales and zeros."""
+    from edgeq.api import compress as do_compress
+    from edgeq.config import CompressConfig
+
+    cfg = CompressConfig(method, int(bits), group_size, sym, tuple(overrides), clip_search, device)
+    _refuse_foreign_dir(out, "run.json")
+    path = do_compress(model, cfg, out)
+    click.echo(f"wrote run dir {path} ({cfg.method} {cfg.scheme.label})")
+
+
+def _refuse_foreign_dir(out: Path, marker: str) -> None:
+    from edgeq.errors import ConfigError
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
+        raise ConfigError(f"--out {str(out)!r} exists and is not an edgeq output; choose a new path or remove it")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), required=True)
+@click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "q8_0", "q4_0", "q4_1"]), help="GGUF type.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), help="ONNX precision.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help=".gguf file or ONNX dir.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True, help="MatMulNBits.")
+@click.option("--parity-tokens", type=int, default=256, show_default=True)
+@click.option("--no-parity", is_flag=True, help="Skip the parity measurement.")
+def export(source, fmt, gguf_type, precision, out, accuracy_level, parity_tokens, no_parity) -> None:
+    """Export a run dir (or model dir) SOURCE to GGUF or ONNX with a manifest and parity report."""
+    from edgeq.api import export as do_export
+    from edgeq.config import ExportConfig
+    from edgeq.errors import ConfigError
+
+    kind = gguf_type if fmt == "gguf" else precision
+    if kind is None or (fmt == "gguf" and precision) or (fmt == "onnx" and gguf_type):
+        want = "--type {f32,f16,q8_0,q4_0,q4_1}" if fmt == "gguf" else "--precision {fp32,int8,int4}"
+        raise ConfigError(f"--format {fmt} needs {want}")
+    cfg = ExportConfig(fmt, kind, not no_parity, parity_tokens, accuracy_level)
+    man = do_export(source, cfg, out)
+    line = f"wrote {fmt} {kind} -> {out} (manifest {man.path.name}"
+    if man.parity:
+        fq = man.parity["fake_quant"]
+        line += f"; vs fake-quant: rel_error {fq['rel_error']:.2e}, top-1 {fq['top1_agreement']:.3f}"
+    click.echo(line + ")")
+
+
+@cli.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Perplexity text.")
+@click.option("--json", "json_out", required=True, type=click.Path(path_type=Path), help="Result JSON to write.")
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--decode-tokens", type=int, default=64, show_default=True)
+@click.option("--eval-tokens", type=int, default=4096, show_default=True)
+def bench(artifacts, eval_text, json_out, repeat, threads, prompt_tokens, decode_tokens, eval_tokens) -> None:
+    """Measure ARTIFACTS (manifests, ONNX dirs or .gguf files) on this machine."""
+    from edgeq.api import bench as do_bench
+    from edgeq.config import BenchConfig
+    from edgeq.report.write import format_table
+
+    cfg = BenchConfig(
+        prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens,
+        repeat=repeat,
+        threads=threads,
+        eval_tokens=eval_tokens,
+        eval_text=str(eval_text) if eval_text else None,
+    )
+    results = []
+    for art in artifacts:
+        res = do_bench(art, cfg)
+        res.setdefault("label", str(art))
+        results.append(res)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    payload = results[0] if len(results) == 1 else results
+    json_out.write_text(json.dumps(payload, indent=1) + "\n")
+    click.echo(format_table(results))
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Overrides the recipe's out.")
+def run_cmd(recipe, out) -> None:
+    """Run the stages a RECIPE.yaml names (compress, export, bench, report)."""
+    from edgeq.recipe import load_recipe
+
+    _run_and_print(load_recipe(recipe), out)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("edgeq-demo"), show_default=True)
+def demo(out) -> None:
+    """Bundled model -> RTN int8/int4 -> GGUF + ONNX -> measured here -> table, report.md, pareto.png."""
+    from edgeq.recipe import builtin_recipe, load_recipe
+
+    _run_and_print(load_recipe(builtin_recipe("demo")), out)
+
+
+def _run_and_print(recipe, out) -> None:
+    from edgeq.pipeline import run_recipe
+    from edgeq.report.write import format_table
+
+    result = run_recipe(recipe, out, progress=lambda msg: click.echo(f"-- {msg}", err=True))
+    if result.bench:
+        click.echo(format_table(list(result.bench.values())))
+    for kind, path in result.report.items():
+        click.echo(f"{kind}: {path}")
+    if not result.bench:
+        for label, path in result.artifacts.items():
+            click.echo(f"{label}: {path}")
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+def report(results, out) -> None:
+    """Tables (Markdown, JSON, CSV) and plots from runtime RESULTS JSON files."""
+    from edgeq.api import report as do_report
+
+    loaded = []
+    for path in results:
+        data = json.loads(path.read_text())
+        loaded.extend(data if isinstance(data, list) else [data])
+    for kind, path in do_report(loaded, out).items():
+        click.echo(f"{kind}: {path}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except EdgeqError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
