@@ -17,11 +17,11 @@ from pathlib import Path
 from edgeq.config import BenchConfig, CompressConfig, ExportConfig
 
 
-def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.PathLike) -> Path:
+def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.PathLike, resume: bool = False) -> Path:
     """Quantize ``model`` into the run dir ``out`` (integer codes, fp16 scales, integer zeros)."""
     from edgeq.compress.run import compress as _compress
 
-    return _compress(model, config, out)
+    return _compress(model, config, out, resume=resume)
 
 
 def export(source: str | os.PathLike, config: ExportConfig, out: str | os.PathLike, recipe: dict | None = None):
@@ -42,9 +42,9 @@ def bench(
     config = config or BenchConfig()
     text = eval_text or config.eval_text
     if text is None:
-        from edgeq.pipeline import write_eval_text
-
         import tempfile
+
+        from edgeq.pipeline import write_eval_text
 
         text = write_eval_text(Path(tempfile.mkdtemp(prefix="edgeq-eval-")), config)
     plan = Plan(

@@ -34,25 +34,73 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default="rtn", show_default=True)
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=int, default=32, show_default=True, help="Weights per scale; -1 = per channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (fixed zero) or asymmetric codes.")
 @click.option(
     "--override", "overrides", multiple=True, metavar="PATTERN=SPEC", help="Per-tensor scheme, e.g. down_proj=8:g32."
 )
-@click.option("--clip-search", is_flag=True, help="Search a per-group clipping ratio (RTN).")
+@click.option("--clip-search", is_flag=True, help="RTN: search a per-group clipping ratio (AWQ always does).")
+@click.option(
+    "--calib", default=None, help="Calibration text: .txt, .jsonl (field 'text') or a folder. Default: stdlib."
+)
+@click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (fraction of mean diag H).")
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="GPTQ column order (static groups).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted calibrated run from its last finished block.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run dir to write.")
-def compress(model, method, bits, group_size, sym, overrides, clip_search, device, out) -> None:
+def compress(model, method, bits, group_size, sym, overrides, clip_search, calib, n_samples, seq_len, seed, damp,
+             act_order, resume, device, out) -> None:  # fmt: skip
     """Quantize MODEL (a model dir or hub id) into a run dir of integer codes, scales and zeros."""
     from edgeq.api import compress as do_compress
     from edgeq.config import CompressConfig
 
-    cfg = CompressConfig(method, int(bits), group_size, sym, tuple(overrides), clip_search, device)
+    cfg = CompressConfig(
+        method=method,
+        bits=int(bits),
+        group_size=group_size,
+        sym=sym,
+        overrides=tuple(overrides),
+        clip_search=clip_search,
+        device=device,
+        seed=seed,
+        calib=calib,
+        n_samples=n_samples,
+        seq_len=seq_len,
+        damp=damp,
+        act_order=act_order,
+    )
     _refuse_foreign_dir(out, "run.json")
-    path = do_compress(model, cfg, out)
+    path = do_compress(model, cfg, out, resume=resume)
     click.echo(f"wrote run dir {path} ({cfg.method} {cfg.scheme.label})")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Default: held-out stdlib.")
+@click.option("--reference", type=click.Path(path_type=Path), help="Unquantized model (default: the run's source).")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per perplexity window.")
+@click.option("--max-tokens", type=int, default=32768, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the result here too.")
+def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
+    """Perplexity of MODEL (model dir or run dir) and KL / top-1 agreement against the unquantized model."""
+    from edgeq.compress.evaluate import evaluate
+
+    result = evaluate(model, text, reference, ctx, max_tokens, device)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+    line = f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens"
+    if "reference" in result:
+        ref = result["reference"]
+        line += (f"; reference {ref['perplexity']:.3f} (gap {ref['gap']:+.3f} ± {ref['gap_stderr']:.3f}),"
+                 f" KL {ref['kl']:.4f}, top-1 {ref['top1_agreement']:.3f}")  # fmt: skip
+    click.echo(line)
 
 
 def _refuse_foreign_dir(out: Path, marker: str) -> None:

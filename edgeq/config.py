@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from edgeq.compress.quant import QuantScheme, SchemeOverride
 from edgeq.errors import ConfigError
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 ONNX_PRECISIONS = ("fp32", "int8", "int4")
 
@@ -27,7 +27,7 @@ class CompressConfig:
     group_size: int = 32
     sym: bool = True
     overrides: tuple[str, ...] = ()  # PATTERN=BITS[:gGROUP][:sym|:asym] or PATTERN=fp
-    clip_search: bool = False  # RTN: per-group clipping search on the weights
+    clip_search: bool = False  # per-group clipping search (RTN: weight error; AWQ: output error)
     device: str = "auto"
     seed: int = 0
     # calibrated methods (gptq, awq)

@@ -7,11 +7,10 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-COMMANDS = ["compress", "export", "bench", "run", "demo", "report"]
+COMMANDS = ["compress", "eval", "export", "bench", "run", "demo", "report"]
 
 
 def edgeq(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

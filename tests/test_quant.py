@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgeq.compress.quant import QuantizedWeight, QuantScheme, SchemeOverride, resolve_scheme
-from edgeq.compress.rtn import clip_search, rtn_quantize, _grouped
+from edgeq.compress.rtn import _grouped, clip_search, rtn_quantize
 from edgeq.errors import ConfigError
 
 
@@ -45,9 +45,7 @@ def test_dequantize_matches_formula():
     np.testing.assert_array_equal(qw.dequantize(), expect)
 
 
-@pytest.mark.parametrize(
-    "bits,qtype", [(8, gguf.GGMLQuantizationType.Q8_0), (4, gguf.GGMLQuantizationType.Q4_0)]
-)
+@pytest.mark.parametrize("bits,qtype", [(8, gguf.GGMLQuantizationType.Q8_0), (4, gguf.GGMLQuantizationType.Q4_0)])
 def test_sym_rtn_reproduces_gguf_reference_quantizer(bits, qtype):
     """edgeq's symmetric RTN picks exactly the codes llama.cpp's reference quantizer picks."""
     rng = np.random.default_rng(bits)

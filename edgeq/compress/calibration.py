@@ -134,6 +134,7 @@ class BlockResult:
 
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     stats: dict = field(default_factory=dict)
+    fp: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> changed float tensor (AWQ folds)
 
 
 BlockMethod = Callable[[int, torch.nn.Module, list, dict, torch.device], BlockResult]
@@ -149,16 +150,19 @@ def sequential_quantize(
     resume: bool = False,
     batch_size: int = 8,
     progress: bool = True,
-) -> tuple[dict[str, tuple], dict]:
-    """Quantize every block with ``method``; returns {full tensor name: (codes, scales, zeros)}, stats."""
+) -> tuple[dict[str, tuple], dict, dict[str, torch.Tensor]]:
+    """Quantize every block with ``method``.
+
+    Returns ({full name: (codes, scales, zeros)}, per-block stats, {full name: changed float tensor}).
+    """
     from edgeq.compress.state import load_state, save_state
 
     blocks = get_module(model, family.blocks)
-    start, results, stats, hidden, kwargs = 0, {}, {}, None, None
+    start, results, stats, fp_updates, hidden = 0, {}, {}, {}, None
     if resume and state_dir is not None:
         loaded = load_state(state_dir)
         if loaded is not None:
-            start, results, stats, hidden, _ = loaded
+            start, results, stats, fp_updates, hidden = loaded
             log.info("resuming after block %d", start - 1)
     # the shared keyword arguments (rotary tables, masks) are cheap to recapture; hidden states are not
     captured, kwargs = capture_block_inputs(model, family, ids, batch_size)
@@ -176,13 +180,14 @@ def sequential_quantize(
         prefix = family.block_prefix(index)
         for name, (codes, scales, zeros) in res.tensors.items():
             results[f"{prefix}{name}.weight"] = (codes.cpu(), scales.cpu(), zeros.cpu())
+        fp_updates.update({k: v.cpu() for k, v in res.fp.items()})
         hidden = run_block(block, hidden, kwargs, device)
         blocks[index] = block.to("cpu")
         stats[str(index)] = {**res.stats, "seconds": time.time() - t0}
         if state_dir is not None:
-            save_state(state_dir, index + 1, results, stats, hidden, kwargs)
+            save_state(state_dir, index + 1, results, stats, fp_updates, hidden)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return results, stats
+    return results, stats, fp_updates

@@ -63,9 +63,9 @@ def rtn_tensors(src: RunDir, config: CompressConfig, scheme_for, device) -> dict
     return out
 
 
-def calibrated_tensors(src: RunDir, config: CompressConfig, scheme_for, device, state_dir, resume) -> tuple[dict, dict]:
+def calibrated_tensors(src: RunDir, config: CompressConfig, scheme_for, device, state_dir, resume):
     """GPTQ (and later AWQ) through the layer-sequential driver."""
-    from edgeq.compress import gptq
+    from edgeq.compress import awq, gptq
     from edgeq.compress.calibration import calibration_ids, read_calibration_texts, sequential_quantize
     from edgeq.compress.model import load_torch_model
 
@@ -77,12 +77,15 @@ def calibrated_tensors(src: RunDir, config: CompressConfig, scheme_for, device, 
         raise ConfigError(f"seq_len={config.seq_len} exceeds the model's context {n_ctx}; use --seq-len {n_ctx}")
     texts = read_calibration_texts(config.calib)
     ids = calibration_ids(src.path / "tokenizer.json", texts, config.n_samples, config.seq_len, config.seed)
-    method = gptq.make_block_method(family, scheme_for, config.damp, config.act_order)
-    results, stats = sequential_quantize(model, family, ids, method, device, state_dir, resume)
+    if config.method == "gptq":
+        method = gptq.make_block_method(family, scheme_for, config.damp, config.act_order)
+    else:
+        method = awq.make_block_method(family, scheme_for, clip=True)
+    results, stats, fp_updates = sequential_quantize(model, family, ids, method, device, state_dir, resume)
     out = {}
     for name, (codes, scales, zeros) in results.items():
         out[name] = QuantizedWeight(codes.numpy(), scales.numpy(), zeros.numpy(), scheme_for(name))
-    return out, stats
+    return out, stats, {k: v.numpy() for k, v in fp_updates.items()}
 
 
 def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.PathLike, resume: bool = False) -> Path:
@@ -108,10 +111,11 @@ def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.Pat
             chosen.groups(src.shape(name)[1])
     t0 = time.time()
     stats: dict = {}
+    fp_updates: dict[str, np.ndarray] = {}
     if config.method == "rtn":
         quantized = rtn_tensors(src, config, scheme_for, device)
     else:
-        quantized, stats = calibrated_tensors(src, config, scheme_for, device, state_dir, resume)
+        quantized, stats, fp_updates = calibrated_tensors(src, config, scheme_for, device, state_dir, resume)
     meta = {
         "edgeq_version": __version__,
         "method": config.method,
@@ -125,7 +129,7 @@ def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.Pat
         "weight_rel_error": {name: _rel_error(src.fp_tensor(name), qw) for name, qw in quantized.items()},
         "device": str(device),
     }
-    write_run(src, quantized, meta, out)
+    write_run(src, quantized, meta, out, fp_updates)
     from edgeq.compress.state import clear_state
 
     clear_state(state_dir)
@@ -138,11 +142,18 @@ def _rel_error(w: np.ndarray, qw: QuantizedWeight) -> float:
     return float(np.sum((qw.dequantize() - w32) ** 2) / max(float(np.sum(w32**2)), 1e-30))
 
 
-def write_run(src: RunDir, quantized: dict[str, QuantizedWeight], meta: dict, out: Path) -> None:
-    """Write the run dir atomically: side files, fp tensors, codes/scales/zeros, run.json."""
+def write_run(
+    src: RunDir, quantized: dict[str, QuantizedWeight], meta: dict, out: Path, fp_updates: dict | None = None
+) -> None:
+    """Write the run dir atomically: side files, fp tensors (``fp_updates`` replace source tensors,
+    e.g. norms that AWQ folded scales into), codes/scales/zeros, run.json."""
     from safetensors.numpy import save_file
 
-    fp = {n: np.ascontiguousarray(src.fp_tensor(n)) for n in src.names() if n not in quantized}
+    fp_updates = fp_updates or {}
+    fp = {}
+    for n in src.names():
+        if n not in quantized:
+            fp[n] = np.ascontiguousarray(fp_updates[n].astype(np.float32) if n in fp_updates else src.fp_tensor(n))
     quant = {}
     for name, qw in quantized.items():
         quant[f"{name}.codes"], quant[f"{name}.scales"], quant[f"{name}.zeros"] = qw.codes, qw.scales, qw.zeros

@@ -1,7 +1,7 @@
 """Resumable state of the layer-sequential driver, written after every finished block.
 
 ``STATE_DIR/`` holds ``progress.json`` (next block index, per-block stats), ``codes.safetensors``
-(codes/scales/zeros of finished blocks) and ``hidden.safetensors`` (the next block's inputs). Each
+(codes/scales/zeros of finished blocks), ``fp.safetensors`` (float tensors a method changed) and ``hidden.safetensors`` (the next block's inputs). Each
 save goes to a temporary directory that replaces the previous state atomically, so a kill -9 at any
 moment leaves either the old or the new state, never a mix.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 
-def save_state(state_dir: Path, next_index: int, results: dict, stats: dict, hidden: list, kwargs: dict) -> None:
+def save_state(state_dir: Path, next_index: int, results: dict, stats: dict, fp: dict, hidden: list) -> None:
     state_dir = Path(state_dir)
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -24,6 +24,7 @@ def save_state(state_dir: Path, next_index: int, results: dict, stats: dict, hid
     for name, (codes, scales, zeros) in results.items():
         flat[f"{name}.codes"], flat[f"{name}.scales"], flat[f"{name}.zeros"] = codes, scales, zeros
     save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "codes.safetensors"))
+    save_file({k: v.contiguous() for k, v in fp.items()}, str(tmp / "fp.safetensors"))
     save_file({f"h{i}": h.contiguous() for i, h in enumerate(hidden)}, str(tmp / "hidden.safetensors"))
     (tmp / "progress.json").write_text(json.dumps({"next_block": next_index, "stats": stats}))
     old = state_dir.with_name(state_dir.name + ".old")
@@ -35,7 +36,7 @@ def save_state(state_dir: Path, next_index: int, results: dict, stats: dict, hid
 
 
 def load_state(state_dir: Path):
-    """(next_index, results, stats, hidden, None) or None when there is no complete state."""
+    """(next_index, results, stats, fp updates, hidden) or None when there is no complete state."""
     state_dir = Path(state_dir)
     if not (state_dir / "progress.json").exists():
         old = state_dir.with_name(state_dir.name + ".old")  # killed between the two renames
@@ -49,7 +50,8 @@ def load_state(state_dir: Path):
     results = {n: (flat[f"{n}.codes"], flat[f"{n}.scales"], flat[f"{n}.zeros"]) for n in names}
     hid = load_file(str(state_dir / "hidden.safetensors"))
     hidden = [hid[f"h{i}"] for i in range(len(hid))]
-    return progress["next_block"], results, progress["stats"], hidden, None
+    fp = load_file(str(state_dir / "fp.safetensors"))
+    return progress["next_block"], results, progress["stats"], fp, hidden
 
 
 def clear_state(state_dir: Path) -> None:

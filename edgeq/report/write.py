@@ -77,7 +77,10 @@ def format_table(results: list[dict], markdown: bool = False) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    fmt_row = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    def fmt_row(cells):
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
     return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in body])
 
 
@@ -105,7 +108,7 @@ def pareto_plot(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     speeds = [r["decode_tokens_per_s"] or 0.0 for r in pts]
     top = max(speeds) or 1.0
-    for r, s in zip(pts, speeds):
+    for r, s in zip(pts, speeds, strict=True):
         marker = "o" if r["format"].startswith("gguf") else "s"
         ax.scatter(r["size_mb"], r["perplexity"], s=40 + 400 * s / top, marker=marker, alpha=0.6)
         ax.annotate(f"{r['label']}\n{s:.0f} tok/s", (r["size_mb"], r["perplexity"]), fontsize=7,
