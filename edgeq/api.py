@@ -34,30 +34,26 @@ def export(source: str | os.PathLike, config: ExportConfig, out: str | os.PathLi
 def bench(
     artifact: str | os.PathLike, config: BenchConfig | None = None, eval_text: str | os.PathLike | None = None
 ) -> dict:
-    """Measure an artifact on this machine in a separate process; returns the runtime's result."""
+    """Measure an artifact on this machine in a separate process; returns the runtime's result.
+
+    ``eval_text`` (or ``config.eval_text``) is the perplexity text; default: the held-out stdlib text.
+    """
+    import tempfile
+
     from edgeq.devices.local import bench_local
     from edgeq.export.manifest import manifest_path_for
     from edgeq.runtime.plan import Plan
 
     config = config or BenchConfig()
+    manifest = manifest_path_for(artifact)
     text = eval_text or config.eval_text
-    if text is None:
-        import tempfile
+    if text is not None:
+        return bench_local(manifest, Plan.from_bench_config(config, str(text)))
+    from edgeq.pipeline import write_eval_text
 
-        from edgeq.pipeline import write_eval_text
-
-        text = write_eval_text(Path(tempfile.mkdtemp(prefix="edgeq-eval-")), config)
-    plan = Plan(
-        prompt_tokens=config.prompt_tokens,
-        decode_tokens=config.decode_tokens,
-        repeat=config.repeat,
-        warmup=config.warmup,
-        threads=config.threads,
-        eval_text=str(text),
-        eval_tokens=config.eval_tokens,
-        ctx=config.ctx,
-    )
-    return bench_local(manifest_path_for(artifact), plan)
+    with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:
+        path = write_eval_text(Path(tmp), config)
+        return bench_local(manifest, Plan.from_bench_config(config, str(path)))
 
 
 def report(results: list[dict], out: str | os.PathLike) -> dict[str, Path]:

@@ -42,20 +42,20 @@ def summarize(result: dict) -> dict:
     """One flat row of the headline numbers of a runtime result."""
     gen = result.get("generation", {})
     artifact = result.get("artifact", {})
-    size = artifact.get("weight_bytes") or artifact.get("bytes")
+    size = artifact.get("weight_bytes")
     return {
         "label": result.get("label", artifact.get("path", "?")),
         "format": f"{artifact.get('format', '?')}/{artifact.get('variant', '?')}",
         "size_mb": size / 1e6 if size else None,
-        "perplexity": _get(result, "perplexity", "perplexity"),
+        "perplexity": _get(result, "perplexity", "ppl"),
         "load_time_ms": result.get("load_time_ms"),
-        "ttft_ms": _get(gen, "ttft_ms", "mean"),
-        "prompt_tokens_per_s": _get(gen, "prompt_tokens_per_s", "mean"),
-        "decode_tokens_per_s": _get(gen, "decode_tokens_per_s", "mean"),
-        "latency_ms_p50": _get(gen, "latency_ms", "p50"),
-        "latency_ms_p99": _get(gen, "latency_ms", "p99"),
+        "ttft_ms": gen.get("ttft_ms"),
+        "prompt_tokens_per_s": gen.get("prompt_tokens_per_s"),
+        "decode_tokens_per_s": gen.get("decode_tokens_per_s"),
+        "latency_ms_p50": gen.get("latency_ms_p50"),
+        "latency_ms_p99": gen.get("latency_ms_p99"),
         "peak_rss_mb": _get(result, "memory", "peak_rss_mb"),
-        "roofline_fraction": _get(result, "roofline", "fraction"),
+        "roofline_fraction": _get(result, "bandwidth", "roofline_fraction"),
     }
 
 
