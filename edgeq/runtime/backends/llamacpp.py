@@ -13,13 +13,15 @@ context's memory with ``llama_memory_clear``: a fresh sequence, whatever is call
 
 ``BackendOptions.provider_options`` may carry llama.cpp context settings: ``n_batch``, ``n_ubatch``,
 ``type_k`` / ``type_v`` (KV cache type: ``f16`` default, ``f32``, ``q8_0``), ``flash_attn`` (bool).
-``BackendOptions.threads`` None keeps llama-cpp-python's defaults (half the logical CPUs for decode,
-all of them for prompt batches); ``info()`` records the threads actually used.
+``BackendOptions.threads`` None means one thread per physical core for decode and prompt batches alike
+(onnxruntime's default, so both backends are measured on equal terms; llama-cpp-python's own default
+would use half the logical CPUs for decode); ``info()`` records the threads actually used.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,8 +85,8 @@ class LlamaCppBackend:
                     )
                 kwargs[key] = _KV_TYPES[extra[key]]
         kwargs["flash_attn"] = bool(extra.get("flash_attn", False))
-        if self.options.threads:
-            kwargs["n_threads"] = kwargs["n_threads_batch"] = int(self.options.threads)
+        threads = self.options.threads or _physical_cores()
+        kwargs["n_threads"] = kwargs["n_threads_batch"] = int(threads)
         return kwargs
 
     def load(self) -> None:
@@ -195,3 +197,13 @@ class LlamaCppBackend:
             "system_info": lib.llama_print_system_info().decode("utf-8", "replace").strip(),
             "model_file": self.model_file.name,
         }
+
+
+def _physical_cores() -> int:
+    """Physical cores (psutil when present, else logical CPUs): onnxruntime's default thread count."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
