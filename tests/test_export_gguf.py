@@ -278,6 +278,52 @@ def test_llamacpp_logits_and_greedy_match_torch(make_run, export, token_ids, ggu
     assert rel <= tol, rel
 
 
+def _simulate_llamacpp_activations(model, family_linears: tuple[str, ...]):
+    """Round each quantized Linear's input to q8_0 blocks (what ggml's CPU kernels for q8_0 / q4_0
+    weights do: ``vec_dot_type = q8_0``) and the lm_head input to fp16 (the F16 output matmul)."""
+    import torch
+
+    def q8_0(x):
+        xb = x.float().reshape(*x.shape[:-1], -1, 32)
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        v = xb * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)  # ggml: x * (1/d), then roundf
+        q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+        return (q * d.half().float()).reshape(x.shape).to(x.dtype)  # d is stored in fp16
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            if any(name.endswith(lin) for lin in family_linears):
+                mod.register_forward_pre_hook(lambda m, args: (q8_0(args[0]),))
+            elif name.endswith("lm_head"):
+                mod.register_forward_pre_hook(lambda m, args: (args[0].half().float(),))
+    return model
+
+
+@pytest.mark.parametrize("gguf_type, bits", [("q8_0", 8), ("q4_0", 4)])
+def test_llamacpp_matches_torch_under_its_activation_rounding(make_run, export, token_ids, gguf_type, bits):
+    """With llama.cpp's own activation rounding simulated in torch, the artifact reproduces the run's
+    fake-quant model to about 1e-3 (measured 0.8e-3 q4_0, 1.1e-3 q8_0): most of the 3.5e-3 of the plain
+    comparison is llama.cpp's int8 activations. What remains is chaotic: a last-bit difference anywhere
+    (rope, norm, a rounding tie) flips some int8 roundings downstream, so the bound is 2e-3."""
+    import torch
+
+    from edgeq.compress.mappings import FAMILIES
+    from edgeq.compress.model import load_torch_model
+
+    run_dir = make_run(bits=bits, group_size=32, sym=True)
+    _, _, man = export(run_dir, gguf_type)
+    model = _simulate_llamacpp_activations(load_torch_model(run_dir), FAMILIES["llama"].linears)
+    with torch.no_grad():
+        ref = model(torch.tensor([token_ids])).logits[0].numpy()
+    backend = _backend(man, type_k="f32", type_v="f32")
+    try:
+        rel = _rel(backend.forward(token_ids), ref)
+    finally:
+        backend.close()
+    print(f"{gguf_type}: llama.cpp vs torch with simulated activation rounding {rel:.2e}")
+    assert rel <= 2e-3, rel
+
+
 def test_backend_prefill_decode_reset_consistent(make_run, export, token_ids):
     _, _, man = export(make_run(bits=4, group_size=32, sym=True), "q4_0")
     backend = _backend(man, n_batch=16)  # several decode calls per prefill
@@ -295,7 +341,10 @@ def test_backend_prefill_decode_reset_consistent(make_run, export, token_ids):
         with pytest.raises(BackendError, match="exceeds n_ctx"):
             backend.forward([0] * backend.n_ctx)
         info = backend.info()
-        assert info["backend"] == "llama.cpp" and info["threads"] == 2 and "llama_cpp_python" in info
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or psutil.cpu_count()
+        assert info["backend"] == "llama.cpp" and info["threads"] == physical and "llama_cpp_python" in info
     finally:
         backend.close()
 

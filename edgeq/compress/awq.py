@@ -69,8 +69,14 @@ def search_scale(
     return best_s, best_alpha
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5):
-    """Per-group clip ratio (N, G) minimizing each group's output error on inputs ``x`` (rows, K)."""
+def search_clip(
+    x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.5, max_rows: int = 512
+):
+    """Per-group clip ratio (N, G) minimizing each group's output error on inputs ``x`` (rows, K).
+
+    At most ``max_rows`` input rows (evenly strided) are used, as llm-awq samples 512 tokens.
+    """
+    x = x[:: max(1, x.shape[0] // max_rows)][:max_rows]
     n, k = w.shape
     gl = scheme.group_len(k)
     g = k // gl
@@ -82,7 +88,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int
         ratio = 1.0 - max_shrink * i / grid
         scale, zero = scales_zeros(wg, scheme, ratio)
         diff = wg - fake_quant(wg, scale, zero, scheme)  # (N, G, gl)
-        err = torch.einsum("rgk,ngk->rng", xg, diff).pow(2).sum(0)  # (N, G)
+        err = torch.bmm(xg.transpose(0, 1), diff.permute(1, 2, 0)).pow(2).sum(1).T  # (G,rows,N) -> (N, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, ratio), best)

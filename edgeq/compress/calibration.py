@@ -60,18 +60,30 @@ def read_calibration_texts(source: str | os.PathLike | None, text_field: str = "
 
 
 def calibration_ids(tokenizer_file: Path, texts: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """(n_samples, seq_len) token windows drawn (seeded) from the concatenated, tokenized texts."""
+    """(n_samples, seq_len) token windows drawn (seeded) from the tokenized texts.
+
+    Texts are visited in a seeded random order and tokenized only until there are four times as many
+    tokens as the windows need (or the texts run out), so a large corpus costs little.
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
-    stream = np.concatenate(
-        [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)]
-    )
+    rng = np.random.default_rng(seed)
+    need = 4 * n_samples * seq_len
+    parts, have = [], 0
+    order = rng.permutation(len(texts))
+    for start in range(0, len(order), 64):
+        batch = [texts[i] for i in order[start : start + 64]]
+        for enc in tok.encode_batch(batch, add_special_tokens=False):
+            parts.append(np.asarray(enc.ids, dtype=np.int64))
+            have += len(enc.ids)
+        if have >= need:
+            break
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if len(stream) <= seq_len:
         raise ConfigError(
             f"calibration text has {len(stream)} tokens; need more than seq_len={seq_len} (add text or lower --seq-len)"
         )
-    rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(stream) - seq_len, size=n_samples)
     return torch.from_numpy(np.stack([stream[s : s + seq_len] for s in starts]))
 
