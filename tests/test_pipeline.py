@@ -62,7 +62,9 @@ def test_demo_end_to_end(tmp_path):
     }  # fmt: skip
     for label, res in results.items():
         assert res["perplexity"]["ppl"] < 100, label  # trained model: far below the 4096 vocabulary
-        assert res["generation"]["decode_tokens_per_s"] > 0 and res["memory"]["peak_rss_mb"] > 0
+        assert res["generation"]["decode_tokens_per_s"] > 0
+        # the runtime's own peak, not the torch-laden pipeline process that launched it
+        assert 0 < res["memory"]["peak_rss_mb"] < 300, (label, res["memory"])
     size = {k: v["artifact"]["weight_bytes"] for k, v in results.items()}
     assert size["rtn-w4g32/gguf-q4_0"] < size["rtn-w8g32/gguf-q8_0"] < size["fp/gguf-f16"]
     assert size["rtn-w4g32/onnx-int4"] < size["rtn-w8g32/onnx-int8"] < size["fp/onnx-fp32"]
@@ -75,3 +77,11 @@ def test_demo_end_to_end(tmp_path):
         parity = json.loads(man.read_text())["parity"]
         assert parity["fake_quant"]["top1_agreement"] > 0.99, man
     assert "decode tok/s" in proc.stdout and "report.md" in proc.stdout
+    # device-side perplexity (onnxruntime, numpy) equals the host's (torch) on the same text and windows
+    from edgeq.bundled import MODEL_DIR
+    from edgeq.compress.evaluate import evaluate
+
+    bench = results["fp/onnx-fp32"]["perplexity"]
+    host = evaluate(MODEL_DIR, out / "eval.txt", ctx=bench["ctx"], max_tokens=bench["eval_tokens"], device="cpu")
+    assert host["tokens"] == bench["tokens"]
+    assert host["perplexity"] == pytest.approx(bench["ppl"], rel=1e-4)

@@ -67,12 +67,11 @@ from edgeq.runtime.metrics import (
     RaplMeter,
     RssSampler,
     aggregate_generations,
-    bandwidth_probe,
     current_rss_bytes,
     energy_summary,
     measure_generation,
     open_rapl,
-    reset_peak_rss,
+    peak_rss_bytes,
     roofline,
     ru_maxrss_bytes,
 )
@@ -190,7 +189,7 @@ def measure(backend: Backend, plan: Plan, text: str, energy: RaplMeter | None) -
 
 def measure_perplexity(backend: Backend, plan: Plan, eval_text: tuple[str, dict]) -> dict:
     text, identity = eval_text
-    ids = tokens_of(backend, text, plan.eval_tokens)
+    ids = tokens_of(backend, text, plan.eval_tokens + 1)  # eval_tokens targets need one token more
     if len(ids) < plan.eval_tokens:
         log.warning(
             "eval text has %d tokens, fewer than eval_tokens=%d; scoring what there is", len(ids), plan.eval_tokens
@@ -269,17 +268,36 @@ def _options(plan: Plan) -> BackendOptions:
     return BackendOptions(threads=plan.threads, n_ctx=plan.n_ctx, providers=tuple(plan.providers))
 
 
+def _probe_in_child(threads: int | None) -> dict | None:
+    """``bandwidth_probe`` in a separate interpreter; None (with a log line) when it fails."""
+    import subprocess
+
+    code = (
+        "import json, sys; from edgeq.runtime.metrics import bandwidth_probe; "
+        "t = int(sys.argv[1]) or None; print(json.dumps(bandwidth_probe(threads=t)))"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(threads or 0)], capture_output=True, text=True, timeout=120, check=True
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("bandwidth probe failed (%s); no roofline", exc)
+        return None
+
+
 def _memory(sampler: RssSampler, baseline: int, after_load: int, peak_reset: bool) -> dict:
-    ru = ru_maxrss_bytes()
+    ru, hwm = ru_maxrss_bytes(), peak_rss_bytes()
     return {
-        "peak_rss_mb": max(ru, sampler.peak_bytes) / MIB,
+        "peak_rss_mb": max(hwm, sampler.peak_bytes) / MIB,  # kernel high-water mark (VmHWM) or sampled
+        "vm_hwm_mb": hwm / MIB,
         "peak_rss_sampled_mb": sampler.peak_bytes / MIB,
-        "ru_maxrss_mb": ru / MIB,
+        "ru_maxrss_mb": ru / MIB,  # may include the launching parent's RSS at fork time (see metrics)
         "baseline_rss_mb": baseline / MIB,  # after imports, before the artifact loads
         "after_load_rss_mb": after_load / MIB,
         "rss_samples": sampler.samples,
         "rss_interval_ms": sampler.interval_ms,
-        "peak_reset": peak_reset,  # True: the peak excludes the bandwidth probe's buffers
+        "peak_reset": peak_reset,  # the kernel peak covers the whole process (the probe runs in a child)
     }
 
 
@@ -309,8 +327,9 @@ def run_bench(manifest_path: str | os.PathLike, plan: Plan) -> dict:
     man = load_manifest(manifest_path, verify=True)  # hash check before anything else reads the artifact
     eval_text = read_eval_text(plan.eval_text)
     energy, energy_reason = open_rapl()
-    probe = bandwidth_probe(threads=plan.threads) if plan.bandwidth_probe else None
-    peak_reset = reset_peak_rss()
+    # the probe runs in a child process: its buffers never count towards this process's peak RSS
+    probe = _probe_in_child(plan.threads) if plan.bandwidth_probe else None
+    peak_reset = False
     sampler = RssSampler(plan.rss_interval_ms).start()
     try:
         loaded, runs, (baseline, after_load) = _measure_loaded(man, plan, eval_text, energy)

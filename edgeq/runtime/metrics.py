@@ -60,6 +60,25 @@ def ru_maxrss_bytes() -> int:
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
 
 
+def peak_rss_bytes() -> int:
+    """The kernel's RSS high-water mark of this process's address space (``VmHWM``).
+
+    Preferred over ``ru_maxrss``: on Linux, a process started by fork + exec inherits in ``ru_maxrss``
+    the peak of the *parent's* address space at fork time (the pre-exec mm's high-water mark is folded
+    into the new program's ``maxrss``), so a runtime launched from a big host process (torch loaded)
+    would report the host's memory. ``VmHWM`` belongs to the address space made by exec alone.
+    Falls back to ``ru_maxrss`` where /proc is missing (macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return ru_maxrss_bytes()
+
+
 def reset_peak_rss() -> bool:
     """Rewind this process's RSS high-water mark to its current RSS; False where the kernel cannot."""
     try:

@@ -1,10 +1,10 @@
 """Perplexity of an artifact over a token stream, in numpy, through the ``Backend`` protocol.
 
-The first ``eval_tokens`` tokens are cut into non-overlapping windows of ``ctx`` tokens; a trailing
-partial window is dropped (as ``llama-perplexity`` does), so every window is scored under the same
-context length. Each window starts from an empty sequence (``backend.reset()``); position ``i``'s
-logits score token ``i + 1``, so a window contributes ``ctx - 1`` predictions (llama-perplexity scores
-only each window's second half; edgeq scores all of it, so the two are not directly comparable).
+The first ``eval_tokens`` + 1 tokens are cut into non-overlapping windows: window ``w`` feeds tokens
+``[w·ctx, (w+1)·ctx)`` from an empty sequence (``backend.reset()``) and scores the ``ctx`` tokens one
+ahead, so every target is predicted once, under the same context length; a trailing partial window is
+dropped. This is exactly the host's protocol (``edgeq.compress.eval``), so host and device perplexities
+of the same model agree. (llama-perplexity scores only each window's second half: not comparable.)
 
 ``ppl = exp(total NLL / predictions)``. The per-window mean NLLs are returned as well: two artifacts
 scored on the same windows give paired differences, from which the host estimates noise.
@@ -54,15 +54,16 @@ class PerplexityResult:
 
 
 def _window_nll(backend: Backend, window: list[int], index: int) -> tuple[float, int]:
-    """Sum of NLLs of one window's ``len(window) - 1`` predictions, and that count."""
+    """Sum of NLLs of one window's ``len(window) - 1`` predictions (the last token is only a target)."""
     backend.reset()
-    logits = np.asarray(backend.forward(window))  # (ctx, V)
-    if logits.ndim != 2 or logits.shape[0] != len(window):
+    inputs = window[:-1]
+    logits = np.asarray(backend.forward(inputs))  # (ctx, V)
+    if logits.ndim != 2 or logits.shape[0] != len(inputs):
         raise BackendError(
             f"backend {getattr(backend, 'name', '?')} returned logits of shape {logits.shape} for window {index} "
-            f"of {len(window)} tokens; expected ({len(window)}, vocab_size): the backend must return every position"
+            f"of {len(inputs)} tokens; expected ({len(inputs)}, vocab_size): the backend must return every position"
         )
-    nll = token_nll(logits[:-1], np.asarray(window[1:], dtype=np.int64))
+    nll = token_nll(logits, np.asarray(window[1:], dtype=np.int64))
     if not np.all(np.isfinite(nll)):
         raise BackendError(f"non-finite logits in perplexity window {index}; the artifact or backend is broken")
     return float(nll.sum()), len(window) - 1
@@ -75,8 +76,8 @@ def perplexity(backend: Backend, token_ids: list[int], ctx: int, eval_tokens: in
     n_ctx = getattr(backend, "n_ctx", None)
     if n_ctx is not None and ctx > n_ctx:
         raise ConfigError(f"perplexity ctx={ctx} exceeds the backend's n_ctx={n_ctx}; lower ctx or raise n_ctx")
-    ids = [int(t) for t in token_ids[: eval_tokens if eval_tokens is not None else len(token_ids)]]
-    n_windows = len(ids) // ctx
+    ids = [int(t) for t in token_ids[: eval_tokens + 1 if eval_tokens is not None else len(token_ids)]]
+    n_windows = (len(ids) - 1) // ctx
     if n_windows == 0:
         raise ConfigError(
             f"eval text gives {len(ids)} tokens, fewer than one window of ctx={ctx}; use a longer text or lower ctx"
@@ -85,7 +86,7 @@ def perplexity(backend: Backend, token_ids: list[int], ctx: int, eval_tokens: in
     totals: list[float] = []
     counts: list[int] = []
     for w in range(n_windows):
-        total, count = _window_nll(backend, ids[w * ctx : (w + 1) * ctx], w)
+        total, count = _window_nll(backend, ids[w * ctx : (w + 1) * ctx + 1], w)
         totals.append(total)
         counts.append(count)
     nll_mean = sum(totals) / sum(counts)
