@@ -112,3 +112,55 @@ def test_compress_writes_codes_not_floats(tmp_path, bundled_dir):
     qw = run.quantized(names[0])
     assert qw.codes.dtype.name == "uint8" and qw.codes.max() <= 15 and qw.scales.dtype.name == "float16"
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory, make_run):
+    from edgeq.api import export
+    from edgeq.config import ExportConfig
+
+    out = tmp_path_factory.mktemp("gguf") / "m.q8_0.gguf"
+    export(make_run(bits=8, group_size=32, sym=True), ExportConfig("gguf", "q8_0", parity=False), out)
+    return out
+
+
+def _copy_artifact(src: Path, dst_dir: Path) -> Path:
+    shutil.copy(src, dst_dir / src.name)
+    man = src.with_name(src.stem + ".manifest.json")
+    shutil.copy(man, dst_dir / man.name)
+    return dst_dir / src.name
+
+
+def test_bench_refuses_a_corrupt_artifact(tmp_path, small_gguf):
+    art = _copy_artifact(small_gguf, tmp_path)
+    data = bytearray(art.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    art.write_bytes(bytes(data))
+    out = tmp_path / "result.json"
+    assert_user_error(edgeq("bench", art, "--json", out, "--repeat", "1"), "sha256", "re-export")
+    assert not out.exists()
+
+
+def test_bench_refuses_a_manifest_whose_hash_does_not_match(tmp_path, small_gguf):
+    art = _copy_artifact(small_gguf, tmp_path)
+    man_path = art.with_name(art.stem + ".manifest.json")
+    man = json.loads(man_path.read_text())
+    man["files"][0]["sha256"] = "0" * 64
+    man_path.write_text(json.dumps(man))
+    out = tmp_path / "result.json"
+    assert_user_error(edgeq("bench", man_path, "--json", out, "--repeat", "1"), "sha256", "manifest says 0000")
+    assert not out.exists()
+
+
+def test_bench_refuses_a_truncated_artifact(tmp_path, small_gguf):
+    art = _copy_artifact(small_gguf, tmp_path)
+    art.write_bytes(art.read_bytes()[:1000])
+    assert_user_error(edgeq("bench", art, "--json", tmp_path / "r.json"), "truncated")
+
+
+def test_export_refuses_a_plain_model_for_block_types(tmp_path, bundled_dir):
+    out = tmp_path / "m.q4_0.gguf"
+    assert_user_error(
+        edgeq("export", bundled_dir, "--format", "gguf", "--type", "q4_0", "--out", out), "edgeq compress"
+    )
+    assert list(tmp_path.iterdir()) == []
