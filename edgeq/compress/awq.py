@@ -147,7 +147,7 @@ def make_block_method(family, scheme_for, max_rows: int = 1024, clip: bool = Tru
                 for c in consumers:
                     get_module(block, c).weight.mul_(s[None, :].to(ws[0].dtype))
                     inputs[c] = inputs[c] / s
-            tensors = {}
+            tensors, errors = {}, {}
             for n, sch in schemes.items():
                 if sch is None:
                     continue
@@ -155,8 +155,11 @@ def make_block_method(family, scheme_for, max_rows: int = 1024, clip: bool = Tru
                 w = lin.weight.float()
                 ratio = search_clip(inputs[n], w, sch) if clip else 1.0
                 codes, scales, zeros = rtn_quantize(w, sch, ratio)
-                lin.weight.data = dequantize_torch(codes, scales, zeros).to(lin.weight.dtype)
+                wq = dequantize_torch(codes, scales, zeros).to(w.device)
+                y = inputs[n] @ w.T  # relative output error on the (rescaled) calibration inputs
+                errors[n] = float(((inputs[n] @ wq.T - y) ** 2).sum() / torch.clamp((y**2).sum(), min=1e-30))
+                lin.weight.data = wq.to(lin.weight.dtype)
                 tensors[n] = (codes, scales, zeros)
-        return BlockResult(tensors, {"alpha": alphas}, fp_updates)
+        return BlockResult(tensors, {"alpha": alphas, "output_rel_error": errors}, fp_updates)
 
     return method

@@ -1,4 +1,4 @@
-"""ONNX export with a KV cache: fp32 fake-quant graphs, and int8/int4 ``MatMulNBits`` packed from codes.
+"""ONNX export with a KV cache: fp32/fp16 fake-quant graphs, and int8/int4 ``MatMulNBits`` packed from codes.
 
 The decoder graph is never written by hand. The run's fake-quant float32 model
 (``edgeq.compress.model.load_torch_model``: exactly what every export must reproduce) goes through
@@ -15,11 +15,19 @@ The graph is then post-processed:
   initializers are packed from the run's own codes (``edgeq.export.onnx_nbits``) and the float
   initializer is dropped. Codes are never re-quantized, so the artifact computes the fake-quant
   model exactly (with ``accuracy_level=0``: fp32 activations).
+* ``fp16``: the fp32 fake-quant graph converted by onnxruntime's own converter
+  (``onnxruntime.transformers.float16.convert_float_to_float16``): weights, activations and the
+  KV cache (``past_key_values.*`` / ``present.*``) in float16, ``logits`` kept float32 (the converter
+  inserts the Cast). Weights are the fake-quant values rounded once to fp16, so parity against the
+  fp32 fake-quant model is ~1e-3 relative (fp16 rounding of weights and activations), not exact.
+  On CPU, onnxruntime runs ops that lack a float16 kernel in float32 between inserted Casts
+  (its ``InsertCastTransformer``); the numbers stay those of an fp16 graph where it matters: every
+  tensor between ops is rounded to fp16.
 * ``int8`` of an *unquantized* model: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights,
   per tensor) on the decoder-block Linears -- the standard baseline, and the only place where
   quantization happens at export, because compression produced no codes.
 
-Embeddings and ``lm_head`` stay fp32 in every precision; a tied embedding is stored once
+Embeddings and ``lm_head`` stay fp32 in every precision but fp16; a tied embedding is stored once
 (``tie_embedding``).
 """
 
@@ -44,7 +52,7 @@ from edgeq.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 CONTAINER_BITS = {"int4": 4, "int8": 8}
 MS_DOMAIN = "com.microsoft"
 MODEL_FILE = "model.onnx"
@@ -71,7 +79,7 @@ def plan_onnx(run: RunDir, precision: str) -> dict[str, int]:
     """
     if precision not in PRECISIONS:
         raise ExportError(f"ONNX precision {precision!r} is not supported; expected one of {list(PRECISIONS)}")
-    if precision == "fp32" or (precision == "int8" and not run.is_quantized):
+    if precision in ("fp32", "fp16") or (precision == "int8" and not run.is_quantized):
         return {}
     if not run.is_quantized:
         raise ExportError(
@@ -369,6 +377,21 @@ def tie_embedding(graph: onnx.GraphProto, sites: list[LinearSite]) -> int:
     return saved
 
 
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph in float16 with float32 ``logits``, by onnxruntime's float16 converter.
+
+    ``keep_io_types=["logits"]`` keeps only the logits output float32 (a Cast after the lm_head), so
+    the KV cache inputs/outputs are float16 like optimum's own fp16 exports and half the size.
+    Constants outside fp16's range (the causal mask's float32 minimum) are clamped to +-65504.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = convert_float_to_float16(model, keep_io_types=["logits"])
+    n_fp32 = sum(1 for init in converted.graph.initializer if init.data_type == onnx.TensorProto.FLOAT)
+    log.info("converted the graph to float16 (%d float32 initializers left)", n_fp32)
+    return converted
+
+
 # -- saving, validation, entry point -------------------------------------------------------------
 def save_model(model: onnx.ModelProto, path: Path) -> bool:
     """Write ``model``; weights go to one external data file only past protobuf's 2 GiB limit."""
@@ -429,6 +452,9 @@ def export_onnx(run: RunDir, precision: str, out_dir: Path, accuracy_level: int 
             model, labels = quantize_dynamic_int8(model, run, sites, work)
         tie_embedding(model.graph, sites)
         labels = {**fp_labels(model.graph, sites), **labels}
+        if precision == "fp16":
+            model = to_float16(model)
+            labels = {name: label.replace("(fp32)", "(fp16)") for name, label in labels.items()}
         save_model(model, out_dir / MODEL_FILE)
     finally:
         shutil.rmtree(work, ignore_errors=True)
