@@ -1,0 +1,1 @@
+"""Accuracy recovery after PTQ: distillation losses and (partial) retraining of quantized models."""

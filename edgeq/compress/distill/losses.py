@@ -1,0 +1,105 @@
+"""Distillation and alignment losses: pure functions over tensors, each zero on identical inputs.
+
+Logit losses take ``student`` and ``teacher`` logits of shape (..., V) and average over positions:
+
+* ``forward_kl``  KL(teacher ‖ student), classic knowledge distillation (mode-covering);
+* ``reverse_kl``  KL(student ‖ teacher) (mode-seeking);
+* ``cakld``       confidence-aware KL (BitDistiller, Du et al. 2024): ``β·KL(s‖t) + (1−β)·KL(t‖s)``
+  with ``β`` the teacher's mean probability of the label tokens (of its own top token without labels),
+  so a confident teacher pulls the student towards its modes;
+* ``tsld``        token-scaled logit distillation (Kim et al. 2023): per-token KL(t‖s) weighted by
+  ``softmax(CE_teacher / τ)`` over the tokens (τ ≈ 10), so tokens the teacher finds hard weigh more.
+
+Activation losses take block outputs (..., D):
+
+* ``block_mse``            mean squared error;
+* ``sliced_wasserstein``   1-D Wasserstein-1 distances between the token distributions of teacher and
+  student projected on ``k`` random unit directions, averaged (Cao, Yin, Aref 2026): it compares the
+  *distributions* of activations, so it is invariant to permuting tokens and complements MSE;
+* ``saliency_regularizer`` ``Σ g² ⊙ (W_eff − W_orig)²`` with ``g²`` the squared gradients of the task
+  loss w.r.t. the original weights (Cao & Aref 2025), keeping salient weights near their originals.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(p ‖ q) from log-probabilities (..., V) -> (...)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    return F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1)
+
+
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    ls, lt = _log_probs(student, teacher, temperature)
+    return _kl(lt, ls).mean() * temperature**2
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    ls, lt = _log_probs(student, teacher, temperature)
+    return _kl(ls, lt).mean() * temperature**2
+
+
+def teacher_confidence(teacher: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean teacher probability of the labels (or of its own top token), detached: CAKLD's β."""
+    probs = F.softmax(teacher.detach().float(), -1)
+    if labels is None:
+        return probs.amax(-1).mean()
+    return probs.gather(-1, labels.unsqueeze(-1)).mean()
+
+
+def cakld(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    beta = teacher_confidence(teacher, labels)
+    ls, lt = _log_probs(student, teacher, 1.0)
+    return beta * _kl(ls, lt).mean() + (1 - beta) * _kl(lt, ls).mean()
+
+
+def tsld(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float = 10.0) -> torch.Tensor:
+    """Token-scaled logit distillation over all positions of (..., V) logits with (...) labels."""
+    ls, lt = _log_probs(student, teacher, 1.0)
+    per_token = _kl(lt, ls).reshape(-1)
+    ce_teacher = F.cross_entropy(teacher.detach().reshape(-1, teacher.shape[-1]), labels.reshape(-1), reduction="none")
+    weights = F.softmax(ce_teacher / tau, 0)  # sums to 1 over the tokens
+    return (weights * per_token).sum()
+
+
+def block_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(student, teacher)
+
+
+def random_directions(dim: int, k: int, generator: torch.Generator | None = None, device=None, dtype=None):
+    """(dim, k) random unit vectors; resample every step for an unbiased sliced estimate."""
+    u = torch.randn(dim, k, generator=generator, device=device, dtype=dtype or torch.float32)
+    return u / u.norm(dim=0, keepdim=True)
+
+
+def sliced_wasserstein(
+    student: torch.Tensor, teacher: torch.Tensor, directions: torch.Tensor | None = None, k: int = 16
+) -> torch.Tensor:
+    """Mean over ``k`` directions of the 1-D W1 distance between projected token distributions.
+
+    ``student`` and ``teacher`` are (..., D) and flattened to (N, D) tokens; ``directions`` (D, k) are
+    unit vectors (drawn here when not given).
+    """
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])
+    if directions is None:
+        directions = random_directions(s.shape[-1], k, device=s.device, dtype=s.dtype)
+    ps = torch.sort(s @ directions, dim=0).values  # (N, k)
+    pt = torch.sort(t @ directions, dim=0).values
+    return (ps - pt).abs().mean()
+
+
+def mse_sw(student, teacher, weight: float = 0.1, k: int = 16, directions=None) -> torch.Tensor:
+    """The block-reconstruction objective ``MSE + w·SW`` (defaults k = 16, w = 0.1)."""
+    return block_mse(student, teacher) + weight * sliced_wasserstein(student, teacher, directions, k)
+
+
+def saliency_regularizer(w_eff: torch.Tensor, w_orig: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """``Σ g² ⊙ (W_eff − W_orig)²``; ``saliency`` holds ``g²`` (same shape as the weights)."""
+    return (saliency * (w_eff - w_orig) ** 2).sum()
