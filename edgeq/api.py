@@ -12,6 +12,7 @@ The CLI (``edgeq.cli``) is a thin layer over these functions.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgeq.config import BenchConfig, CompressConfig, ExportConfig
@@ -32,28 +33,64 @@ def export(source: str | os.PathLike, config: ExportConfig, out: str | os.PathLi
 
 
 def bench(
-    artifact: str | os.PathLike, config: BenchConfig | None = None, eval_text: str | os.PathLike | None = None
-) -> dict:
-    """Measure an artifact on this machine in a separate process; returns the runtime's result.
+    artifact: str | os.PathLike | Sequence[str | os.PathLike],
+    config: BenchConfig | None = None,
+    eval_text: str | os.PathLike | None = None,
+    device: str | os.PathLike = "local",
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    identity: str | os.PathLike | None = None,
+    known_hosts: str | os.PathLike | None = None,
+    serial: str | None = None,
+    results_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    timeout_s: float | None = None,
+) -> dict | list[dict]:
+    """Measure an artifact (or a list of them: then a list of results) on a device; the runtime's result.
 
-    ``eval_text`` (or ``config.eval_text``) is the perplexity text; default: the held-out stdlib text.
+    ``device``: a profile name (``local``, ``jetson-orin-nano``, ...) or a profile ``.toml`` file. Locally
+    the runtime runs in a separate process; on a remote device (``host``/``port``/``identity``/
+    ``known_hosts`` for ssh, ``serial`` for adb) each result is kept in ``results_dir`` (default: a temp
+    dir) and a rerun with the same one skips it (``resume=False``: measure again). ``eval_text`` (or
+    ``config.eval_text``) is the perplexity text; default: the held-out stdlib text.
     """
+    import sys
     import tempfile
 
-    from edgeq.devices.local import bench_local
-    from edgeq.export.manifest import manifest_path_for
+    from edgeq.devices.profile import load_profile
     from edgeq.runtime.plan import Plan
 
+    single = isinstance(artifact, (str, os.PathLike))
+    artifacts = [artifact] if single else list(artifact)
     config = config or BenchConfig()
-    manifest = manifest_path_for(artifact)
-    text = eval_text or config.eval_text
-    if text is not None:
-        return bench_local(manifest, Plan.from_bench_config(config, str(text)))
-    from edgeq.pipeline import write_eval_text
+    profile = load_profile(device)
+    connection = {"host": host, "port": port, "identity": identity, "known_hosts": known_hosts, "serial": serial}
+    with tempfile.TemporaryDirectory(prefix="edgeq-bench-") as tmp:
+        text = eval_text or config.eval_text
+        if text is None:
+            from edgeq.pipeline import write_eval_text
 
-    with tempfile.TemporaryDirectory(prefix="edgeq-eval-") as tmp:
-        path = write_eval_text(Path(tmp), config)
-        return bench_local(manifest, Plan.from_bench_config(config, str(path)))
+            text = write_eval_text(Path(tmp), config)
+        if profile.transport == "local":
+            from edgeq.devices.local import bench_local
+            from edgeq.errors import ConfigError
+            from edgeq.export.manifest import manifest_path_for
+
+            given = ", ".join("--" + k.replace("_", "-") for k, v in connection.items() if v is not None)
+            if given:
+                raise ConfigError(f"{given}: for remote devices only; profile {profile.name!r} is this machine")
+            plan, python = Plan.from_bench_config(config, str(text)), profile.python or sys.executable
+            results = [bench_local(manifest_path_for(a), plan, python, timeout_s) for a in artifacts]
+        else:
+            from edgeq.devices.remote import bench_on_device
+
+            plan = Plan.from_bench_config(config, None)
+            out = Path(results_dir) if results_dir is not None else Path(tmp) / "results"
+            results = bench_on_device(
+                profile, artifacts, plan, out, eval_text=text, timeout_s=timeout_s, resume=resume, **connection
+            )
+    return results[0] if single else results
 
 
 def report(results: list[dict], out: str | os.PathLike) -> dict[str, Path]:

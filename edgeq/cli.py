@@ -103,6 +103,38 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
     click.echo(line)
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--teacher", default=None, help="Teacher model dir (default: the run's source model).")
+@click.option("--loss", default="mse+sw", show_default=True, help="mse[+sw][+kl|+cakld|+tsld].")
+@click.option("--saliency", is_flag=True, help="Saliency-aware schedule: weights -> outputs -> mixed with L_reg.")
+@click.option("--train", default="scales", show_default=True, help="Parameter groups: scales, weights, adapter.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Training steps per block.")
+@click.option("--e2e-steps", type=int, default=100, show_default=True, help="End-to-end KD steps (logit losses).")
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="Learning rate of scales and adapters.")
+@click.option("--sw-weight", type=float, default=0.1, show_default=True)
+@click.option("--calib", default=None, help="Calibration text (.txt, .jsonl, folder). Default: stdlib.")
+@click.option("--n-samples", type=int, default=128, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run dir to write.")
+def distill(run_dir, teacher, loss, saliency, train, steps, e2e_steps, lr, sw_weight, calib, n_samples, seq_len,
+            seed, device, out) -> None:  # fmt: skip
+    """Recover a quantized RUN_DIR's accuracy by block-wise reconstruction (+ end-to-end KD)."""
+    from edgeq.compress.distill.run import distill as do_distill
+    from edgeq.compress.distill.trainer import DistillConfig
+
+    cfg = DistillConfig(
+        loss=loss, sw_weight=sw_weight, train=tuple(t.strip() for t in train.split(",") if t.strip()), steps=steps,
+        e2e_steps=e2e_steps, lr=lr, saliency=saliency, calib=calib, n_samples=n_samples, seq_len=seq_len, seed=seed,
+        device=device,
+    )  # fmt: skip
+    _refuse_foreign_dir(out, "run.json")
+    path = do_distill(run_dir, cfg, out, teacher)
+    click.echo(f"wrote run dir {path} (distilled with {loss}; loss curves in {path / 'loss_curves.png'})")
+
+
 def _refuse_foreign_dir(out: Path, marker: str) -> None:
     from edgeq.errors import ConfigError
 
@@ -114,12 +146,21 @@ def _refuse_foreign_dir(out: Path, marker: str) -> None:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), required=True)
 @click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "q8_0", "q4_0", "q4_1"]), help="GGUF type.")
-@click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), help="ONNX precision.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="ONNX precision.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help=".gguf file or ONNX dir.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True, help="MatMulNBits.")
 @click.option("--parity-tokens", type=int, default=256, show_default=True)
 @click.option("--no-parity", is_flag=True, help="Skip the parity measurement.")
-def export(source, fmt, gguf_type, precision, out, accuracy_level, parity_tokens, no_parity) -> None:
+@click.option(
+    "--bundle",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[DIR]",
+    help="Also write an integration bundle (artifact, tokenizer, manifest, Python/C++/Android examples) "
+    "at DIR, or beside the artifact (OUT.bundle) when no DIR follows.",
+)
+def export(source, fmt, gguf_type, precision, out, accuracy_level, parity_tokens, no_parity, bundle) -> None:
     """Export a run dir (or model dir) SOURCE to GGUF or ONNX with a manifest and parity report."""
     from edgeq.api import export as do_export
     from edgeq.config import ExportConfig
@@ -127,15 +168,19 @@ def export(source, fmt, gguf_type, precision, out, accuracy_level, parity_tokens
 
     kind = gguf_type if fmt == "gguf" else precision
     if kind is None or (fmt == "gguf" and precision) or (fmt == "onnx" and gguf_type):
-        want = "--type {f32,f16,q8_0,q4_0,q4_1}" if fmt == "gguf" else "--precision {fp32,int8,int4}"
+        want = "--type {f32,f16,q8_0,q4_0,q4_1}" if fmt == "gguf" else "--precision {fp32,fp16,int8,int4}"
         raise ConfigError(f"--format {fmt} needs {want}")
-    cfg = ExportConfig(fmt, kind, not no_parity, parity_tokens, accuracy_level)
+    cfg = ExportConfig(fmt, kind, not no_parity, parity_tokens, accuracy_level, bundle is not None, bundle or None)
     man = do_export(source, cfg, out)
     line = f"wrote {fmt} {kind} -> {out} (manifest {man.path.name}"
     if man.parity:
         fq = man.parity["fake_quant"]
         line += f"; vs fake-quant: rel_error {fq['rel_error']:.2e}, top-1 {fq['top1_agreement']:.3f}"
     click.echo(line + ")")
+    if bundle is not None:
+        from edgeq.export.bundle import default_bundle_dir
+
+        click.echo(f"wrote bundle {bundle or default_bundle_dir(out)}")
 
 
 @cli.command()
@@ -147,8 +192,33 @@ def export(source, fmt, gguf_type, precision, out, accuracy_level, parity_tokens
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--decode-tokens", type=int, default=64, show_default=True)
 @click.option("--eval-tokens", type=int, default=4096, show_default=True)
-def bench(artifacts, eval_text, json_out, repeat, threads, prompt_tokens, decode_tokens, eval_tokens) -> None:
-    """Measure ARTIFACTS (manifests, ONNX dirs or .gguf files) on this machine."""
+@click.option(
+    "--device",
+    "--profile",
+    "device",
+    default="local",
+    show_default=True,
+    metavar="PROFILE",
+    help="Profile name (local, raspberry-pi-5, jetson-orin-nano, jetson-agx-orin, android-phone) or .toml file.",
+)
+@click.option("--host", help="ssh: [user@]address of the device (overrides the profile's).")
+@click.option("--port", type=click.IntRange(1, 65535), help="ssh: port.")
+@click.option("--identity", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ssh: private key.")
+@click.option(
+    "--known-hosts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="ssh: known_hosts file to check the host key against (default: yours; checking stays on).",
+)
+@click.option("--serial", help="adb: device serial (default: the only connected device).")
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Remote: per-artifact results kept for resuming (default: beside --json, NAME.results).",
+)
+@click.option("--fresh", is_flag=True, help="Remote: measure again what --results-dir already holds.")
+def bench(artifacts, eval_text, json_out, repeat, threads, prompt_tokens, decode_tokens, eval_tokens, device, host,
+          port, identity, known_hosts, serial, results_dir, fresh) -> None:  # fmt: skip
+    """Measure ARTIFACTS (manifests, ONNX dirs or .gguf files) on this machine or a device (--device)."""
     from edgeq.api import bench as do_bench
     from edgeq.config import BenchConfig
     from edgeq.report.write import format_table
@@ -161,11 +231,13 @@ def bench(artifacts, eval_text, json_out, repeat, threads, prompt_tokens, decode
         eval_tokens=eval_tokens,
         eval_text=str(eval_text) if eval_text else None,
     )
-    results = []
-    for art in artifacts:
-        res = do_bench(art, cfg)
+    remote = {"host": host, "port": port, "identity": identity, "known_hosts": known_hosts, "serial": serial}
+    if device != "local":
+        remote["results_dir"] = results_dir or json_out.with_name(json_out.stem + ".results")
+        remote["resume"] = not fresh
+    results = do_bench(list(artifacts), cfg, device=device, **remote)
+    for art, res in zip(artifacts, results, strict=True):
         res.setdefault("label", str(art))
-        results.append(res)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     payload = results[0] if len(results) == 1 else results
     json_out.write_text(json.dumps(payload, indent=1) + "\n")
