@@ -12,7 +12,6 @@ from edgeq.compress.quant import QuantScheme
 from edgeq.compress.rtn import rtn_quantize
 from edgeq.errors import ConfigError
 
-
 SCHEME = QuantScheme(3, 32, False)
 
 
