@@ -12,7 +12,7 @@ from edgeq.errors import ConfigError
 
 METHODS = ("rtn", "gptq", "awq")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
-ONNX_PRECISIONS = ("fp32", "int8", "int4")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
 def _check_choice(what: str, value, choices) -> None:
@@ -57,6 +57,8 @@ class ExportConfig:
     parity: bool = True  # measure KL / top-1 / rel. error against source and fake-quant models
     parity_tokens: int = 256
     accuracy_level: int = 0  # MatMulNBits accuracy_level; 0 = exact (fp32 activations)
+    bundle: bool = False  # also write an integration bundle (edgeq.export.bundle)
+    bundle_dir: str | None = None  # where; None: beside the artifact (model.q4_0.bundle, DIR.bundle)
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, ("gguf", "onnx"))

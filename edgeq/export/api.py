@@ -6,6 +6,9 @@ manifest, and renames into place only when everything succeeded.
 
 * GGUF: ``out`` is the ``.gguf`` file; the manifest is ``<stem>.manifest.json`` beside it.
 * ONNX: ``out`` is a directory holding ``model.onnx``, config, tokenizer and ``manifest.json``.
+
+With ``config.bundle`` an integration bundle (``edgeq.export.bundle``) is written from the finished
+artifact, at ``config.bundle_dir`` or beside the artifact.
 """
 
 from __future__ import annotations
@@ -123,6 +126,16 @@ def export(
 
     family_for(run.config)
     out = Path(out)
+    bundle_dir = None
+    if config.bundle:
+        from edgeq.export.bundle import check_bundle_target, default_bundle_dir, write_bundle
+
+        bundle_dir = Path(config.bundle_dir) if config.bundle_dir else default_bundle_dir(out)
+        check_bundle_target(bundle_dir, out)
     if config.format == "gguf":
-        return export_gguf_artifact(run, config, out, recipe)
-    return export_onnx_artifact(run, config, out, recipe)
+        man = export_gguf_artifact(run, config, out, recipe)
+    else:
+        man = export_onnx_artifact(run, config, out, recipe)
+    if bundle_dir is not None:
+        write_bundle(man, bundle_dir, run.path)
+    return man

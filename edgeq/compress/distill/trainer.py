@@ -41,9 +41,9 @@ class DistillConfig:
     sw_weight: float = 0.1
     sw_directions: int = 16
     train: tuple[str, ...] = ("scales",)  # + "weights" moves codes (STE); unstable at lr 1e-5 so far
-    steps: int = 200  # per block
+    steps: int = 400  # per block
     e2e_steps: int = 100  # when the loss names a logit term
-    lr: float = 5e-5  # scales / adapter (Adam: an absolute step, scales are ~1e-2)
+    lr: float = 1e-4  # scales / adapter (Adam: an absolute step, scales are ~1e-2)
     lr_weights: float = 1e-5  # latent weights (codes move through the STE)
     batch_size: int = 4
     saliency: bool = False
