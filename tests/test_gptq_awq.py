@@ -115,3 +115,19 @@ def test_resume_after_kill_gives_identical_codes(tmp_path, bundled_dir):
     assert a == b
     assert not (tmp_path / "run.state").exists()
     assert np.isfinite(json.loads((out / "run.json").read_text())["timings_s"]["total"])
+
+
+@pytest.mark.gpu
+def test_gptq_on_cuda_matches_cpu(tiny_random_dir, tmp_path):
+    """Same code path on CUDA: codes agree with the CPU run except for rare rounding ties."""
+    from edgeq.compress.run import compress
+    from edgeq.config import CompressConfig
+    from edgeq.rundir import RunDir
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        cfg = CompressConfig(method="gptq", bits=4, group_size=32, n_samples=8, seq_len=64, device=device)
+        runs[device] = RunDir.open(compress(tiny_random_dir, cfg, tmp_path / device))
+    for name in runs["cpu"].quantized_names():
+        a, b = runs["cpu"].quantized(name).codes, runs["cuda"].quantized(name).codes
+        assert np.mean(a == b) > 0.99, name
