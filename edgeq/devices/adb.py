@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line
+from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line, push_pairs
 from edgeq.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -244,13 +244,7 @@ class AdbTransport:
     # -- the protocol ------------------------------------------------------------------------------------
 
     def push(self, local: str | os.PathLike, remote: str) -> str:
-        src, rel = Path(local), check_remote(remote)
-        if src.is_dir():
-            pairs = [(p, rel / p.relative_to(src).as_posix()) for p in sorted(src.rglob("*")) if p.is_file()]
-        elif src.is_file():
-            pairs = [(src, rel)]
-        else:
-            raise DeviceError(f"cannot push {str(src)!r}: no such file or directory; check the path")
+        pairs = push_pairs(local, remote)
         for path, dest in pairs:  # adb's sync protocol creates missing parent dirs
             argv = self.adb_argv("push", str(path), self._remote(dest), serial=self.serial)
             rc, out, err = self._call(argv, f"pushing {path.name!r}", self.transfer_timeout_s)
@@ -259,7 +253,7 @@ class AdbTransport:
                     f"cannot push {path.name!r} to {self._where} (exit {rc}: {last_line(err) or last_line(out)}); "
                     "check free space on the device"
                 )
-        return self._remote(rel)
+        return self._remote(remote)
 
     def pull(self, remote: str, local: str | os.PathLike) -> str:
         src, dst = self._remote(remote), Path(local)

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line
+from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line, push_pairs
 from edgeq.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -271,13 +271,7 @@ class SshTransport:
     # -- the protocol ------------------------------------------------------------------------------------
 
     def push(self, local: str | os.PathLike, remote: str) -> str:
-        src, rel = Path(local), check_remote(remote)
-        if src.is_dir():
-            pairs = [(p, rel / p.relative_to(src).as_posix()) for p in sorted(src.rglob("*")) if p.is_file()]
-        elif src.is_file():
-            pairs = [(src, rel)]
-        else:
-            raise DeviceError(f"cannot push {str(src)!r}: no such file or directory; check the path")
+        pairs = push_pairs(local, remote)
         for path, dest in pairs:
             dest_abs = PurePosixPath(self._remote(dest))
             command = f"mkdir -p -- {shlex.quote(str(dest_abs.parent))} && cat > {shlex.quote(str(dest_abs))}"
@@ -288,7 +282,7 @@ class SshTransport:
                     f"cannot write {str(dest)!r} on {self.target} (exit {rc}: {last_line(err) or 'no message'}); "
                     f"check free space and permissions under {self.base_dir!r}"
                 )
-        return self._remote(rel)
+        return self._remote(remote)
 
     def pull(self, remote: str, local: str | os.PathLike) -> str:
         src, dst = self._remote(remote), Path(local)

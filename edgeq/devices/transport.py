@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from edgeq.errors import DeviceError
@@ -70,3 +70,13 @@ def last_line(text: str) -> str:
     """The last non-empty line of ``text`` (a runtime's one-line error), or '' when there is none."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def push_pairs(local: str | os.PathLike, remote: str) -> list[tuple[Path, PurePosixPath]]:
+    """(local file, relative remote path) for every file a push of ``local`` to ``remote`` sends."""
+    src, rel = Path(local), check_remote(remote)
+    if src.is_dir():
+        return [(p, rel / p.relative_to(src).as_posix()) for p in sorted(src.rglob("*")) if p.is_file()]
+    if src.is_file():
+        return [(src, rel)]
+    raise DeviceError(f"cannot push {str(src)!r}: no such file or directory; check the path")
