@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line, push_pairs
+from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line, partial_file, push_pairs
 from edgeq.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -256,10 +256,8 @@ class AdbTransport:
         return self._remote(remote)
 
     def pull(self, remote: str, local: str | os.PathLike) -> str:
-        src, dst = self._remote(remote), Path(local)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        part = dst.with_name(f".{dst.name}.part")
-        try:
+        src = self._remote(remote)
+        with partial_file(local) as part:
             rc, out, err = self._call(
                 self.adb_argv("pull", src, str(part), serial=self.serial),
                 f"pulling {remote!r}",
@@ -270,10 +268,7 @@ class AdbTransport:
                     f"cannot pull {remote!r} from {self._where} (exit {rc}: {last_line(err) or last_line(out)}); "
                     "did the command write it?"
                 )
-            os.replace(part, dst)
-        finally:
-            part.unlink(missing_ok=True)
-        return str(dst)
+        return str(Path(local))
 
     def run(self, argv: Sequence[str], timeout: float | None = None) -> RunResult:
         return self._call(self.shell_argv(argv, cwd=self.workdir), f"running {check_argv(argv)[0]!r}", timeout)

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line, push_pairs
+from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line, partial_file, push_pairs
 from edgeq.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -285,10 +285,8 @@ class SshTransport:
         return self._remote(remote)
 
     def pull(self, remote: str, local: str | os.PathLike) -> str:
-        src, dst = self._remote(remote), Path(local)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        part = dst.with_name(f".{dst.name}.part")
-        try:
+        src = self._remote(remote)
+        with partial_file(local) as part:
             with open(part, "wb") as f:
                 rc, _, err = self._call(
                     f"cat -- {shlex.quote(src)}", f"pulling {remote!r}", self.transfer_timeout_s, stdout=f
@@ -298,10 +296,7 @@ class SshTransport:
                     f"cannot pull {remote!r} from {self.target} (exit {rc}: {last_line(err) or 'no message'}); "
                     "did the command write it?"
                 )
-            os.replace(part, dst)
-        finally:
-            part.unlink(missing_ok=True)
-        return str(dst)
+        return str(Path(local))
 
     def run(self, argv: Sequence[str], timeout: float | None = None) -> RunResult:
         args = check_argv(argv)

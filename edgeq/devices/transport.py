@@ -12,7 +12,8 @@ torch-free and numpy-free: it runs on the host but must import fast and anywhere
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -80,3 +81,17 @@ def push_pairs(local: str | os.PathLike, remote: str) -> list[tuple[Path, PurePo
     if src.is_file():
         return [(src, rel)]
     raise DeviceError(f"cannot push {str(src)!r}: no such file or directory; check the path")
+
+
+@contextmanager
+def partial_file(local: str | os.PathLike) -> Iterator[Path]:
+    """A ``.NAME.part`` path beside ``local``: renamed onto ``local`` when the block succeeds, removed
+    otherwise, so an interrupted pull never leaves a file that looks complete."""
+    dst = Path(local)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    part = dst.with_name(f".{dst.name}.part")
+    try:
+        yield part
+        os.replace(part, dst)
+    finally:
+        part.unlink(missing_ok=True)
