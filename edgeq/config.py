@@ -57,6 +57,7 @@ class ExportConfig:
     parity: bool = True  # measure KL / top-1 / rel. error against source and fake-quant models
     parity_tokens: int = 256
     accuracy_level: int = 0  # MatMulNBits accuracy_level; 0 = exact (fp32 activations)
+    activations: str = "fp32"  # ONNX int4/int8 graph float type: fp32 (exact) or fp16 (smaller)
     bundle: bool = False  # also write an integration bundle (edgeq.export.bundle)
     bundle_dir: str | None = None  # where; None: beside the artifact (model.q4_0.bundle, DIR.bundle)
 
@@ -65,6 +66,12 @@ class ExportConfig:
         _check_choice(f"{self.format} type", self.type, GGUF_TYPES if self.format == "gguf" else ONNX_PRECISIONS)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy_level={self.accuracy_level} is not supported; expected 0..4")
+        _check_choice("activations", self.activations, ("fp32", "fp16"))
+        if self.activations == "fp16" and (self.format != "onnx" or self.type not in ("int4", "int8")):
+            raise ConfigError(
+                f"activations=fp16 applies to ONNX int4/int8 exports, not {self.format} {self.type}; "
+                "drop --activations, or use --precision fp16 for a float16 ONNX graph"
+            )
 
 
 @dataclass(frozen=True)

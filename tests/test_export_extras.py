@@ -89,7 +89,7 @@ def test_fp16_graph_is_float16_with_float32_logits(fp16_export):
     assert {t for n, t in io.items() if n.startswith(("past_key_values.", "present."))} == {onnx.TensorProto.FLOAT16}
     big = [i for i in model.graph.initializer if int(np.prod(i.dims)) >= 1024]
     assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big)
-    assert set(man.scheme["artifact_types"].values()) <= {"MatMul(fp16)", "Gather(fp16)+MatMul(fp16)"}
+    assert set(man.scheme["artifact_types"].values()) == {"MatMul(fp16)", "Gather(fp16)+MatMul(fp16)", "Mul(fp16)"}
     assert man.variant == "fp16"
     fq = man.parity["fake_quant"]
     assert fq["rel_error"] <= FP16_REL_TOL and fq["top1_agreement"] >= 0.99, fq
@@ -109,6 +109,45 @@ def test_fp16_backend_prefill_and_decode_match_fake_quant(fp16_export, bundled_d
     print(f"fp16 vs fake-quant: rel err {err:.2e}")
     assert 1e-6 < err <= FP16_REL_TOL  # not exact (fp16), but close; > 0 shows it really ran in fp16
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.98
+
+
+def test_int4_with_fp16_activations(make_run, tmp_path, bundled_dir):
+    """``--activations fp16``: MatMulNBits with float16 scales in a float16 graph, close to the fake-quant model."""
+    from edgeq.cli import cli
+
+    run = make_run(**W4G32)
+    out = tmp_path / "int4-fp16"
+    args = ["export", str(run), "--format", "onnx", "--precision", "int4", "--activations", "fp16", "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--parity-tokens", "128"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    man = load_manifest(out)
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 28  # 7 Linears x 4 blocks
+    assert {inits[n.input[2]].data_type for n in nbits} == {onnx.TensorProto.FLOAT16}  # scales
+    io = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert io["logits"] == onnx.TensorProto.FLOAT and io["present.0.key"] == onnx.TensorProto.FLOAT16
+    assert man.scheme["artifact_types"]["model.embed_tokens.weight"] == "Gather(fp16)+MatMul(fp16)"
+    fq = man.parity["fake_quant"]
+    assert 1e-6 < fq["rel_error"] <= FP16_REL_TOL and fq["top1_agreement"] >= 0.99, fq
+    # an fp32-activation int4 export of the same run is larger: fp32 scales and KV cache
+    fp32 = tmp_path / "int4-fp32"
+    assert CliRunner().invoke(cli, [*args[:-4], "--out", str(fp32), "--no-parity"]).exit_code == 0
+    size = {d: sum(p.stat().st_size for p in d.glob("model.onnx*")) for d in (out, fp32)}
+    assert size[out] < size[fp32]
+
+
+def test_fp16_activations_refused_where_they_do_not_apply(make_run, tmp_path):
+    run = make_run(**W4G32)
+    for fmt in (["--format", "onnx", "--precision", "fp32"], ["--format", "gguf", "--type", "q4_0"]):
+        out = tmp_path / "x"
+        args = ["export", str(run), *fmt, "--activations", "fp16", "--out", str(out)]
+        proc = subprocess.run([sys.executable, "-m", "edgeq.cli", *args], capture_output=True, text=True)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "activations=fp16 applies to ONNX int4/int8" in lines[0]
+        assert not out.exists()
 
 
 def test_fp16_rotary_angles_stay_exact_at_long_positions(fp16_export):

@@ -104,7 +104,7 @@ def export_onnx_artifact(run: RunDir, config: ExportConfig, out: Path, recipe: d
         raise ConfigError(f"--out {str(out)!r} is a file; ONNX export writes a directory")
     _refuse_existing(out, "manifest.json")
     with AtomicDir(out) as tmp:
-        info = export_onnx(run, config.type, tmp, accuracy_level=config.accuracy_level)
+        info = export_onnx(run, config.type, tmp, accuracy_level=config.accuracy_level, activations=config.activations)
         files = [(tmp / "model.onnx", "model"), (tmp / "tokenizer.json", "tokenizer"), (tmp / "config.json", "config")]
         files += [(p, "weights") for p in sorted(tmp.glob("*.onnx_data")) + sorted(tmp.glob("*.onnx.data"))]
         extra = {"onnx": {k: v for k, v in info.items() if k != "tensors"}}

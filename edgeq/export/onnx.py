@@ -1,44 +1,42 @@
-"""ONNX export with a KV cache: fp32/fp16 fake-quant graphs, and int8/int4 ``MatMulNBits`` packed from codes.
+"""ONNX export with a KV cache, streaming: fp32/fp16 graphs, and int8/int4 ``MatMulNBits`` packed from codes.
 
-The decoder graph is never written by hand. The run's fake-quant float32 model
-(``edgeq.compress.model.load_torch_model``: exactly what every export must reproduce) goes through
-optimum's exporter with task ``text-generation-with-past`` (works with transformers 4.57.6 and
-torch 2.13, see reference.md), which gives optimum's layout: inputs ``input_ids``,
-``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value``; outputs ``logits``,
-``present.{i}.key/value``; ``ORTModelForCausalLM.from_pretrained(out_dir)`` loads the result.
+The decoder graph is never written by hand, and the model's weights are never all in memory:
 
-The graph is then post-processed:
+1. **Graph without weights.** optimum's exporter (task ``text-generation-with-past``; optimum-onnx
+   0.1.0 with transformers 4.57.6 and torch 2.13, see reference.md) traces ``skeleton_model``: the
+   run's architecture whose parameters are stride-0 scalars (no memory), exported with
+   ``export_params=False``. Each parameter becomes a graph input named by its Hugging Face name. The
+   layout is optimum's: inputs ``input_ids``, ``attention_mask``, ``position_ids``,
+   ``past_key_values.{i}.key/value``; outputs ``logits``, ``present.{i}.key/value``; so
+   ``ORTModelForCausalLM.from_pretrained(out_dir)`` loads the result.
+2. **fp16** (``--precision fp16``, or ``--activations fp16`` for int4/int8): the weightless graph goes
+   through onnxruntime's float16 converter; weights, activations and the KV cache become float16,
+   ``logits`` stays float32, and the rotary angles (``position * inv_freq``) stay float32: in float16
+   they are wrong by up to 0.5 rad at position 2000 (``rotary_nodes``; measured: relative logit error
+   7e-2 at position 3000 converted naively, 3e-4 kept fp32).
+3. **Weights, one tensor at a time** (``materialize``): each parameter input becomes an initializer
+   read from the run dir and appended to ``model.onnx_data`` (``ExternalData``). A quantized Linear's
+   ``Transpose -> MatMul`` becomes a com.microsoft ``MatMulNBits`` packed from the run's own codes
+   (``edgeq.export.onnx_nbits``; never re-quantized, so with fp32 activations and
+   ``accuracy_level=0`` the artifact computes the fake-quant model exactly). Float tensors that are
+   exact in float16 are stored in float16 behind a ``Cast`` in quantized fp32 graphs (``compact``).
+   Peak memory is the largest tensor plus the graph, whatever the model's size.
 
-* ``int4`` / ``int8``: each quantized Linear's MatMul is found by *content*: its weight initializer
-  (``[K, N]``, or ``[N, K]`` behind a Transpose) equals the run's fake-quant weights byte for byte,
-  whatever the exporter named it. The MatMul becomes a com.microsoft ``MatMulNBits`` whose
-  initializers are packed from the run's own codes (``edgeq.export.onnx_nbits``) and the float
-  initializer is dropped. Codes are never re-quantized, so the artifact computes the fake-quant
-  model exactly (with ``accuracy_level=0``: fp32 activations).
-* ``fp16``: the fp32 fake-quant graph converted by onnxruntime's own converter
-  (``onnxruntime.transformers.float16.convert_float_to_float16``): weights, activations and the
-  KV cache (``past_key_values.*`` / ``present.*``) in float16, ``logits`` kept float32 (the converter
-  inserts the Cast). The rotary angles (``position * inv_freq``) stay float32: in float16 they are
-  wrong by up to 0.5 rad at position 2000 (``rotary_nodes``; measured: relative logit error 7e-2
-  at position 3000 converted naively, 3e-4 kept fp32). Weights are the fake-quant values rounded
-  once to fp16, so parity against the fp32 fake-quant model is ~2e-4 relative, not exact.
-  On CPU, onnxruntime runs ops that lack a float16 kernel in float32 between inserted Casts
-  (its ``InsertCastTransformer``); the numbers stay those of an fp16 graph where it matters: every
-  tensor between ops is rounded to fp16.
-* ``int8`` of an *unquantized* model: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights,
-  per tensor) on the decoder-block Linears -- the standard baseline, and the only place where
-  quantization happens at export, because compression produced no codes.
+``int8`` of an *unquantized* model is the exception: ``onnxruntime.quantization.quantize_dynamic``
+(int8 weights, per tensor) on the decoder-block Linears, the standard baseline, and the only place
+where quantization happens at export, because compression produced no codes. It works on the whole
+model in memory.
 
-Embeddings and ``lm_head`` stay fp32 in every precision but fp16; a tied embedding is stored once
-(``tie_embedding``).
+Embeddings and ``lm_head`` follow the run: packed when the run quantized them, float otherwise; a
+tied embedding is stored once (the lm_head reads ``Transpose(table)``, folded by onnxruntime).
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import logging
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,7 +48,7 @@ from onnx import helper, numpy_helper
 
 from edgeq.compress.mappings import family_for
 from edgeq.errors import ExportError
-from edgeq.export.onnx_nbits import PackedNBits, pack_matmul_nbits
+from edgeq.export.onnx_nbits import pack_matmul_nbits
 from edgeq.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -63,15 +61,6 @@ DATA_FILE = "model.onnx_data"
 TASK = "text-generation-with-past"
 # protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
-
-
-@dataclass
-class LinearSite:
-    """Where one weight lives in the exported graph."""
-
-    init: str  # float initializer holding W.T [K, N] (or W [N, K] when ``transposed``)
-    transposed: bool = False  # True: W [N, K] feeds the MatMul through a Transpose node
-    names: list[str] = field(default_factory=list)  # HF tensor names with this exact content
 
 
 # -- planning and refusals -----------------------------------------------------------------------
@@ -99,7 +88,7 @@ def plan_onnx(run: RunDir, precision: str) -> dict[str, int]:
     return {name: bits for name in run.quantized_names()}
 
 
-# -- graph export -------------------------------------------------------------------------------
+# -- graph export (no weights) --------------------------------------------------------------------
 class _DropMessages(logging.Filter):
     def __init__(self, needle: str):
         super().__init__()
@@ -109,27 +98,71 @@ class _DropMessages(logging.Filter):
         return self.needle not in record.getMessage()
 
 
+def skeleton_model(run: RunDir):
+    """The run's architecture as a float32 HF model whose parameters cost no memory.
+
+    Every parameter is a distinct scalar broadcast to its shape (stride 0): the tracer needs real
+    tensors to run the forward pass, but never their values, and the exporter is told not to write
+    them. Distinct values keep the exporter from merging equal-looking parameters into one input. A
+    tied ``lm_head`` stays the embedding's parameter, so the graph reads one table for both.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgeq.compress.model import _materialize_buffers, check_supported
+
+    check_supported(run.config)
+    config = AutoConfig.from_pretrained(run.path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for i, module in enumerate(model.modules()):
+        for j, (name, param) in enumerate(list(module.named_parameters(recurse=False))):
+            value = torch.full((), 1e-3 * (i + 1) + 1e-6 * (j + 1), dtype=torch.float32)
+            setattr(module, name, torch.nn.Parameter(value.expand(param.shape), requires_grad=False))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model = _materialize_buffers(model, config)
+    left = [name for name, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise ExportError(
+            f"buffers {left[:3]} of {run.architecture} could not be rebuilt off the meta device; report this"
+        )
+    return model.eval()
+
+
 def export_graph(run: RunDir, work_dir: Path) -> onnx.ModelProto:
-    """The run's fake-quant float32 model through optimum's exporter, loaded back as a ModelProto."""
+    """The decoder graph through optimum's exporter, without weights: parameters are graph inputs.
+
+    The tracer runs ``skeleton_model`` (no weight memory) under ``torch.onnx.export(...,
+    export_params=False, do_constant_folding=False)``: each parameter becomes a graph input named by
+    its Hugging Face name (``model.layers.0.mlp.up_proj.weight``), read by the op that uses it
+    (``Transpose -> MatMul`` for a Linear, ``Gather`` for the embedding, ``Mul`` for a norm).
+    ``materialize`` turns those inputs into initializers one tensor at a time. Constant folding is
+    off so that no folded copy of a parameter (a pre-transposed weight under a generated name)
+    replaces its named input; onnxruntime folds the remaining constant subgraphs at session creation.
+    """
+    import torch
     from optimum.exporters.onnx import onnx_export_from_model
 
-    from edgeq.compress.model import load_torch_model
+    model = skeleton_model(run)
+    original = torch.onnx.export
 
-    model = load_torch_model(run.path)
-    # optimum asks for accelerate to deduplicate tied weights; tie_embedding does that job here.
+    def export_without_weights(*args, **kwargs):
+        kwargs.update(export_params=False, do_constant_folding=False)
+        return original(*args, **kwargs)
+
+    # optimum asks for accelerate to deduplicate tied weights; the skeleton shares the tied tensor already.
     optimum_log = logging.getLogger("optimum.exporters.onnx.base")
     quiet = _DropMessages("requires accelerate")
     optimum_log.addFilter(quiet)
+    torch.onnx.export = export_without_weights  # optimum imports it at call time
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's tracer warns on every data-dependent branch
             onnx_export_from_model(model, work_dir, task=TASK, do_validation=False)
     finally:
+        torch.onnx.export = original
         optimum_log.removeFilter(quiet)
-    # The fp32 torch model is as large as the graph's initializers: free it before loading the graph
-    # back, so the two never sit in memory together (1.1B params: peak RSS 13.1 -> 9.0 GiB).
-    del model
-    gc.collect()
     path = work_dir / MODEL_FILE
     if not path.exists():
         raise ExportError(
@@ -137,43 +170,7 @@ def export_graph(run: RunDir, work_dir: Path) -> onnx.ModelProto:
             f"{sorted(p.name for p in work_dir.iterdir())}); expected a single decoder graph: "
             "check the optimum-onnx version (0.1.0 is tested)"
         )
-    return onnx.load(str(path), load_external_data=True)
-
-
-def _digest(arr: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()
-
-
-def _weight_digests(run: RunDir) -> dict[str, tuple[tuple[int, int], str, str]]:
-    """HF name -> ((N, K), digest of W [N, K], digest of W.T [K, N]) for every 2-D tensor (fp32)."""
-    out = {}
-    for name in run.names():
-        if len(run.shape(name)) != 2:
-            continue
-        w = run.tensor(name)  # (N, K) float32; dequantized codes for quantized tensors
-        out[name] = (tuple(w.shape), _digest(w), _digest(w.T))
-    return out
-
-
-def locate_weights(graph: onnx.GraphProto, run: RunDir) -> list[LinearSite]:
-    """The float initializers equal (byte for byte) to a run tensor ``W`` or ``W.T``, with their names.
-
-    A name may have several sites: a tied embedding is both the Gather's ``[V, H]`` table and the
-    lm_head MatMul's ``[H, V]`` weight.
-    """
-    digests = _weight_digests(run)
-    shapes = {s for s, _, _ in digests.values()} | {s[::-1] for s, _, _ in digests.values()}
-    index: dict[tuple[tuple[int, ...], str], list[str]] = {}  # (dims, digest) -> initializer names
-    for init in graph.initializer:
-        dims = tuple(init.dims)
-        if init.data_type == onnx.TensorProto.FLOAT and dims in shapes:
-            index.setdefault((dims, _digest(numpy_helper.to_array(init))), []).append(init.name)
-    by_init: dict[str, LinearSite] = {}
-    for name, (shape, d_nk, d_kn) in digests.items():
-        for key, transposed in (((shape[::-1], d_kn), False), ((shape, d_nk), True)):
-            for init_name in index.get(key, []):
-                by_init.setdefault(init_name, LinearSite(init_name, transposed)).names.append(name)
-    return list(by_init.values())
+    return onnx.load(str(path), load_external_data=False)
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -184,23 +181,6 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def _matmuls_of(
-    site: LinearSite, consumers: dict[str, list[onnx.NodeProto]]
-) -> list[tuple[onnx.NodeProto, onnx.NodeProto | None]]:
-    """(MatMul, Transpose or None) pairs whose B input is the site's weight."""
-    pairs = []
-    for node in consumers.get(site.init, []):
-        if not site.transposed and node.op_type == "MatMul" and node.input[1] == site.init:
-            pairs.append((node, None))
-        elif site.transposed and node.op_type == "Transpose" and list(_attr(node, "perm", [1, 0])) == [1, 0]:
-            pairs += [
-                (m, node)
-                for m in consumers.get(node.output[0], [])
-                if m.op_type == "MatMul" and m.input[1] == node.output[0]
-            ]
-    return pairs
-
-
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     for a in node.attribute:
         if a.name == name:
@@ -208,180 +188,232 @@ def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     return default
 
 
-# -- post-processing ----------------------------------------------------------------------------
+# -- weights, one tensor at a time ----------------------------------------------------------------
+class ExternalData:
+    """Appends tensors to one external data file and returns initializers that point into it.
+
+    Each tensor's bytes are written as soon as it is converted, so the writer holds one tensor at a
+    time, whatever the model's size. Offsets are aligned to ``ALIGN`` bytes; tensors smaller than
+    ``INLINE_BYTES`` stay inside the graph (as ``onnx.save_model``'s ``size_threshold`` would).
+    """
+
+    ALIGN = 64
+    INLINE_BYTES = 1024
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 -- closed by close(), called in export_onnx's finally
+        self.bytes = 0
+
+    def add(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes < self.INLINE_BYTES:
+            return numpy_helper.from_array(arr, name)
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+        tensor.dims.extend(arr.shape)
+        pad = -self._f.tell() % self.ALIGN
+        self._f.write(b"\0" * pad)
+        offset = self._f.tell()
+        self._f.write(memoryview(arr).cast("B"))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.bytes += arr.nbytes
+        return tensor
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+@dataclass
+class _Uses:
+    """How the graph reads one parameter input."""
+
+    linear: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = field(default_factory=list)  # Transpose, MatMuls
+    other: list[onnx.NodeProto] = field(default_factory=list)  # Gather, Mul, Add, ...
+
+
+def _uses(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> _Uses:
+    uses = _Uses()
+    for node in consumers.get(name, []):
+        if node.op_type == "Transpose" and list(_attr(node, "perm", [1, 0])) == [1, 0]:
+            mms = consumers.get(node.output[0], [])
+            if mms and all(m.op_type == "MatMul" and list(m.input).index(node.output[0]) == 1 for m in mms):
+                uses.linear.append((node, mms))
+                continue
+        uses.other.append(node)
+    return uses
+
+
 def _nbits_node(
-    mm: onnx.NodeProto, name: str, packed: PackedNBits, shape: tuple[int, int], bits: int, level: int
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    """The MatMulNBits node replacing MatMul ``mm`` plus its new initializers (ORT contrib-op spec)."""
+    mm: onnx.NodeProto, base: str, inits: list[onnx.TensorProto], shape: tuple[int, int], bits: int, block: int,
+    level: int,
+) -> onnx.NodeProto:  # fmt: skip
+    """The MatMulNBits node replacing MatMul ``mm`` (ORT contrib-op spec)."""
     n, k = shape
-    base = name.removesuffix(".weight")
-    inits = [
-        numpy_helper.from_array(packed.b, f"{base}.nbits_B"),
-        numpy_helper.from_array(packed.scales, f"{base}.nbits_scales"),
-    ]
-    inputs = [mm.input[0], inits[0].name, inits[1].name]
-    if packed.zero_points is not None:
-        inits.append(numpy_helper.from_array(packed.zero_points, f"{base}.nbits_zero_points"))
-        inputs.append(inits[-1].name)
-    node = helper.make_node(
+    return helper.make_node(
         "MatMulNBits",
-        inputs,
+        [mm.input[0], *(t.name for t in inits)],
         list(mm.output),
         name=(mm.name or f"/{base}/MatMul") + "NBits",
         domain=MS_DOMAIN,
         K=k,
         N=n,
         bits=bits,
-        block_size=packed.block_size,
+        block_size=block,
         accuracy_level=level,
     )
-    return node, inits
 
 
-def pack_into_graph(
-    model: onnx.ModelProto, run: RunDir, plan: dict[str, int], sites: list[LinearSite], level: int
-) -> dict[str, str]:
-    """Replace each planned Linear's MatMul by MatMulNBits packed from its codes; returns labels."""
+_TAGS = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+
+
+@dataclass
+class Materialized:
+    labels: dict[str, str]  # HF name -> how the artifact computes with it
+    matmuls: dict[str, list[str]]  # HF name -> names of the float MatMul nodes reading it
+    weight_bytes: int
+
+
+def materialize(
+    model: onnx.ModelProto, run: RunDir, plan: dict[str, int], level: int, data: ExternalData, compact: bool
+) -> Materialized:
+    """Turn the graph's parameter inputs into initializers, one tensor at a time, from the run dir.
+
+    * a quantized Linear (``plan``): its ``Transpose -> MatMul`` becomes ``MatMulNBits`` packed from
+      the run's codes (``edgeq.export.onnx_nbits``), scales in the graph's activation type;
+    * a float Linear: the weight is stored transposed (``[K, N]``) and the MatMul reads it directly;
+    * a tied embedding (``Gather`` and the lm_head's ``Transpose -> MatMul``): stored once, ``[V, H]``;
+      onnxruntime folds the constant Transpose at session creation;
+    * anything else (norms, biases): stored as it is.
+
+    Floats take the type the graph declares for the input (float32, or float16 after ``to_float16``).
+    With ``compact`` (quantized exports in a float32 graph) a 2-D float tensor whose values are all
+    exact in float16 -- the usual case, checkpoints are fp16/bf16 -- is stored in float16 behind a
+    ``Cast`` to float32: half the bytes on disk, the same numbers (onnxruntime folds the Cast at
+    session creation, so in memory it is float32 as before).
+    """
     graph = model.graph
     consumers = _consumers(graph)
-    replaced: dict[str, onnx.NodeProto] = {}  # MatMul output name -> MatMulNBits node
-    new_inits: list[onnx.TensorProto] = []
-    candidates: set[str] = set()  # float initializers / Transpose outputs that may now be dead
-    labels: dict[str, str] = {}
-    for site in sites:
-        planned = [n for n in site.names if n in plan]  # identical contents share one initializer
-        pairs = _matmuls_of(site, consumers) if planned else []
-        if not pairs:
-            continue
-        name = planned[0]
-        qw = run.quantized(name)
-        packed = pack_matmul_nbits(qw, plan[name])
-        for mm, transpose in pairs:
-            node, inits = _nbits_node(mm, name, packed, qw.shape, plan[name], level)
-            replaced[mm.output[0]] = node
-            if transpose is not None:
-                candidates.add(transpose.output[0])
-        new_inits += inits
-        candidates.add(site.init)
-        label = f"MatMulNBits(bits={plan[name]},block={packed.block_size})"
-        labels.update({other: label for other in planned})
-    missing = [n for n in plan if n not in labels]
-    if missing:
+    run_names = set(run.names())
+    user_inputs = {"input_ids", "attention_mask", "position_ids"}
+    params = [i for i in graph.input if i.name not in user_inputs and not i.name.startswith("past_key_values.")]
+    unknown = [i.name for i in params if i.name not in run_names]
+    if unknown:
         raise ExportError(
-            f"{len(missing)} quantized tensors (e.g. {missing[0]}) feed no MatMul through a float initializer "
-            "equal to their fake-quant weights in the exported graph; expected one MatMul weight per Linear: "
-            "the exporter changed its layout (optimum-onnx 0.1.0 is tested)"
+            f"the exported graph reads {len(unknown)} parameters the run dir lacks (e.g. {unknown[0]!r}); "
+            "expected every model parameter in the run: the run dir is incomplete"
         )
-    nodes = [replaced.get(node.output[0], node) if node.op_type == "MatMul" else node for node in graph.node]
-    _replace_nodes_and_prune(graph, nodes, candidates)
-    graph.initializer.extend(new_inits)
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    log.info("packed %d Linears into MatMulNBits (%s)", len(labels), sorted(set(labels.values())))
-    return labels
+    missing = [n for n in plan if n not in {p.name for p in params}]
+    if missing:
+        raise ExportError(f"quantized tensor {missing[0]!r} is not read by the exported graph; report this")
+    replaced: dict[int, onnx.NodeProto | None] = {}  # id(node) -> replacement (None: drop)
+    casts: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    labels: dict[str, str] = {}
+    matmuls: dict[str, list[str]] = {}
 
+    def store(name: str, arr: np.ndarray, elem: int) -> str:
+        """Write ``arr`` as initializer ``name`` of type ``elem``; returns its label tag."""
+        if elem == onnx.TensorProto.FLOAT16:
+            inits.append(data.add(name, arr.astype(np.float16)))
+            return "fp16"
+        arr = arr.astype(np.float32, copy=False)
+        if compact and arr.ndim == 2:
+            half = arr.astype(np.float16)
+            if np.array_equal(half.astype(np.float32), arr):
+                inits.append(data.add(f"{name}.fp16", half))
+                casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"/{name}/Cast", to=elem))
+                return "fp32<-fp16"
+        inits.append(data.add(name, arr))
+        return "fp32"
 
-def _replace_nodes_and_prune(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], candidates: set[str]) -> None:
-    """Install ``nodes``; drop the candidate Transposes and initializers nothing reads any more."""
-    used = {i for node in nodes for i in node.input}
-    nodes = [
-        n for n in nodes if not (n.op_type == "Transpose" and n.output[0] in candidates and n.output[0] not in used)
-    ]
-    used = {i for node in nodes for i in node.input} | {o.name for o in graph.output}
-    kept = [init for init in graph.initializer if init.name not in candidates or init.name in used]
+    for param in params:
+        name, elem = param.name, param.type.tensor_type.elem_type
+        if elem not in _TAGS:
+            raise ExportError(f"parameter {name!r} has ONNX type {elem} in the graph; expected float32 or float16")
+        uses = _uses(name, consumers)
+        ops: list[str] = []
+        if name in plan and uses.linear:
+            qw = run.quantized(name)
+            packed = pack_matmul_nbits(qw, plan[name])
+            base = name.removesuffix(".weight")
+            nbits_inits = [data.add(f"{base}.nbits_B", packed.b)]
+            nbits_inits.append(
+                data.add(f"{base}.nbits_scales", packed.scales.astype(helper.tensor_dtype_to_np_dtype(elem)))
+            )
+            if packed.zero_points is not None:
+                nbits_inits.append(data.add(f"{base}.nbits_zero_points", packed.zero_points))
+            inits += nbits_inits
+            for transpose, mms in uses.linear:
+                replaced[id(transpose)] = None
+                for mm in mms:
+                    replaced[id(mm)] = _nbits_node(
+                        mm, base, nbits_inits, qw.shape, plan[name], packed.block_size, level
+                    )
+            ops.append(f"MatMulNBits(bits={plan[name]},block={packed.block_size})")
+            del qw, packed
+        elif uses.linear and not uses.other:
+            tag = store(f"{name}.T", np.ascontiguousarray(run.tensor(name).T), elem)
+            for transpose, mms in uses.linear:
+                replaced[id(transpose)] = None
+                for mm in mms:
+                    mm.input[1] = f"{name}.T"
+                    matmuls.setdefault(name, []).append(mm.name)
+            ops.append(f"MatMul({tag})")
+        if uses.other:
+            tag = store(name, run.tensor(name), elem)
+            ops += sorted({f"{node.op_type}({tag})" for node in uses.other})
+            if uses.linear and name not in plan:  # tied: the lm_head reads Transpose(table)
+                ops.append(f"MatMul({tag})")
+                for _, mms in uses.linear:
+                    matmuls.setdefault(name, []).extend(mm.name for mm in mms)
+        labels[name] = "+".join(sorted(set(ops)))
+    nodes = casts + [replaced.get(id(n), n) for n in graph.node]
     del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    graph.node.extend(n for n in nodes if n is not None)
+    kept_inputs = [i for i in graph.input if i.name not in labels]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    graph.initializer.extend(inits)
+    if plan and not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    n_packed = sum(1 for v in labels.values() if v.startswith("MatMulNBits"))
+    log.info("materialized %d tensors (%d packed into MatMulNBits), %.1f MB", len(labels), n_packed, data.bytes / 1e6)
+    return Materialized(labels, matmuls, data.bytes)
 
 
 def quantize_dynamic_int8(
-    model: onnx.ModelProto, run: RunDir, sites: list[LinearSite], work_dir: Path
+    model: onnx.ModelProto, run: RunDir, mat: Materialized, work_dir: Path
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """int8 baseline of an unquantized model: ``quantize_dynamic`` on the decoder-block MatMuls.
 
     Per-tensor int8 weights and dynamically quantized activations (``MatMulInteger``), the ORT docs'
-    default dynamic scheme; lm_head and embeddings stay fp32 as in every other precision.
+    default dynamic scheme; lm_head and embeddings stay fp32 as in every other precision. This is the
+    one export that is not streaming: ``quantize_dynamic`` works on a whole in-memory model.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     family = family_for(run.config)
-    consumers = _consumers(model.graph)
-    nodes: list[str] = []
-    labels: dict[str, str] = {}
-    for site in sites:
-        names = [n for n in site.names if family.quantizable(n)]
-        pairs = _matmuls_of(site, consumers) if names else []
-        nodes += [mm.name for mm, _ in pairs if mm.name]
-        labels.update({n: "MatMulInteger(int8,per-tensor,dynamic)" for n in names if pairs})
+    names = [n for n in mat.matmuls if family.quantizable(n)]
+    nodes = [mm for n in names for mm in mat.matmuls[n]]
     if not nodes:
         raise ExportError(f"found no decoder-block MatMul of {run.path} to quantize; expected {family.linears}")
     src, dst = work_dir / "fp32.onnx", work_dir / "int8.onnx"
-    big = save_model(model, src)
+    onnx.save_model(model, str(src))
     quantize_dynamic(
         src,
         dst,
         op_types_to_quantize=["MatMul"],
         nodes_to_quantize=nodes,
         weight_type=QuantType.QInt8,
-        use_external_data_format=big,
+        use_external_data_format=True,
     )
     log.info("quantize_dynamic: %d MatMuls to int8 (per tensor)", len(nodes))
+    labels = {**mat.labels, **{n: "MatMulInteger(int8,per-tensor,dynamic)" for n in names}}
     return onnx.load(str(dst), load_external_data=True), labels
-
-
-def fp_labels(graph: onnx.GraphProto, sites: list[LinearSite]) -> dict[str, str]:
-    """'Gather(fp32)' / 'MatMul(fp32)' for the float weights still in the graph (tied: both)."""
-    consumers = _consumers(graph)
-    ops: dict[str, set[str]] = {}
-    for site in sites:
-        for node in consumers.get(site.init, []):
-            op = node.op_type
-            if op == "Transpose":
-                op = "+".join(sorted({c.op_type for c in consumers.get(node.output[0], [])}))
-            for name in site.names:
-                ops.setdefault(name, set()).add(f"{op}(fp32)")
-    return {name: "+".join(sorted(found)) for name, found in ops.items()}
-
-
-def tie_embedding(graph: onnx.GraphProto, sites: list[LinearSite]) -> int:
-    """Store a tied embedding once: the lm_head MatMul reads ``Transpose(embedding)``.
-
-    The exporter writes the table twice (``[V, H]`` for Gather, ``[H, V]`` for the lm_head MatMul);
-    optimum removes the copy this same way, but only when ``accelerate`` is installed
-    (``optimum.onnx.transformations_utils._deduplicate_gather_matmul``). onnxruntime folds the
-    constant Transpose at session creation, so the computation is unchanged and the file shrinks by
-    the table's size. Returns the bytes saved.
-    """
-    consumers = _consumers(graph)
-    gather = {
-        n: s
-        for s in sites
-        if s.transposed
-        for n in s.names
-        if {c.op_type for c in consumers.get(s.init, [])} == {"Gather"}
-    }
-    inits = {i.name: i for i in graph.initializer}
-    saved, drop, nodes = 0, set(), list(graph.node)
-    for site in sites:
-        ref = next((gather[n] for n in site.names if n in gather), None)
-        if site.transposed or ref is None or site.init == ref.init or site.init not in consumers:
-            continue
-        out = f"{ref.init}_transposed"
-        first = min(i for i, node in enumerate(nodes) if site.init in node.input)
-        nodes.insert(
-            first, helper.make_node("Transpose", [ref.init], [out], name=f"/{ref.init}/Transpose", perm=[1, 0])
-        )
-        for node in nodes:
-            for j, name in enumerate(node.input):
-                if name == site.init:
-                    node.input[j] = out
-        drop.add(site.init)
-        saved += len(inits[site.init].raw_data)
-    if drop:
-        _replace_nodes_and_prune(graph, nodes, drop)
-        log.info("tied embedding: lm_head reads Transpose(%s); %.1f MB saved", sorted(drop), saved / 1e6)
-    return saved
 
 
 def rotary_nodes(graph: onnx.GraphProto) -> list[str]:
@@ -451,7 +483,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # -- saving, validation, entry point -------------------------------------------------------------
 def save_model(model: onnx.ModelProto, path: Path) -> bool:
-    """Write ``model``; weights go to one external data file only past protobuf's 2 GiB limit."""
+    """Write an in-memory ``model``; weights go to one external data file past protobuf's 2 GiB limit."""
     n_bytes = sum(
         int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in model.graph.initializer
     )
@@ -467,8 +499,26 @@ def save_model(model: onnx.ModelProto, path: Path) -> bool:
     return big
 
 
-def validate(path: Path) -> None:
-    """onnx.checker, then an onnxruntime session on CPU: every op must have a kernel."""
+#: onnxruntime loads every weight into memory; past this size the check runs in a child process so
+#: that the exporter's own peak memory stays one tensor's worth (the child's is reported).
+VALIDATE_IN_CHILD_BYTES = 1 << 30
+
+_VALIDATE_CHILD = """
+import sys, resource, onnxruntime as ort
+o = ort.SessionOptions(); o.log_severity_level = 3
+try:
+    ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+except Exception as exc:
+    print(str(exc).strip().splitlines()[0], file=sys.stderr); sys.exit(3)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def validate(path: Path, weight_bytes: int = 0) -> dict:
+    """onnx.checker, then an onnxruntime session on CPU: every op must have a kernel.
+
+    Returns ``{"session_peak_rss_bytes": N}`` when the session ran in a child process.
+    """
     import onnxruntime as ort
 
     try:
@@ -476,6 +526,14 @@ def validate(path: Path) -> None:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ExportError(f"the exported graph {path.name} fails onnx.checker ({first}); report this") from None
+    if weight_bytes > VALIDATE_IN_CHILD_BYTES:
+        proc = subprocess.run(
+            [sys.executable, "-c", _VALIDATE_CHILD, str(path)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            raise ExportError(f"onnxruntime {ort.__version__} cannot load {path.name} ({first}); report this")
+        return {"session_peak_rss_bytes": int(proc.stdout.strip().splitlines()[-1])}
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -483,39 +541,54 @@ def validate(path: Path) -> None:
     except Exception as exc:  # ORT raises its own exception types per failure (Fail, InvalidGraph, ...)
         first = str(exc).strip().splitlines()[0]
         raise ExportError(f"onnxruntime {ort.__version__} cannot load {path.name} ({first}); report this") from None
+    return {}
 
 
-def export_onnx(run: RunDir, precision: str, out_dir: Path, accuracy_level: int = 0) -> dict:
-    """Write ``model.onnx`` + config + tokenizer files for ``run`` at ``precision`` into ``out_dir``.
+def export_onnx(run: RunDir, precision: str, out_dir: Path, accuracy_level: int = 0, activations: str = "fp32") -> dict:
+    """Write ``model.onnx`` (+ ``model.onnx_data``), config and tokenizer files for ``run`` into ``out_dir``.
 
-    ``out_dir`` is an existing empty directory. Returns ``{"tensors": {hf_name: artifact type},
-    "io": {"inputs": [...], "outputs": [...]}, "opset": N, ...}``.
+    ``activations``: the graph's float type for ``int4`` / ``int8`` (``fp32``: exact against the
+    fake-quant model; ``fp16``: half the KV cache and scales, like the ``fp16`` precision). ``out_dir``
+    is an existing empty directory. Returns ``{"tensors": {hf_name: artifact type}, "io": {"inputs":
+    [...], "outputs": [...]}, "opset": N, ...}``.
     """
     plan = plan_onnx(run, precision)
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"accuracy_level={accuracy_level} is not supported; expected 0 (exact fp32) .. 4 (int8)")
+    if activations not in ("fp32", "fp16"):
+        raise ExportError(f"activations={activations!r} is not supported; expected 'fp32' or 'fp16'")
+    if activations == "fp16" and precision not in ("int4", "int8"):
+        raise ExportError(
+            f"--activations fp16 applies to int4/int8 exports; {precision} fixes its own activation type "
+            "(use --precision fp16 for a float16 graph)"
+        )
+    dynamic = precision == "int8" and not plan
+    if dynamic and activations == "fp16":
+        raise ExportError(f"{run.path} has no integer codes: its int8 export (quantize_dynamic) is float32 only")
+    half = precision == "fp16" or activations == "fp16"
     out_dir = Path(out_dir)
     work = out_dir / ".optimum-export"
     work.mkdir()
     t0 = time.perf_counter()
+    data = ExternalData((work if dynamic else out_dir) / DATA_FILE)
     try:
         model = export_graph(run, work)
         t_graph = time.perf_counter() - t0
-        sites = locate_weights(model.graph, run)
-        labels: dict[str, str] = {}
-        if plan:
-            labels = pack_into_graph(model, run, plan, sites, accuracy_level)
-        elif precision == "int8":
-            model, labels = quantize_dynamic_int8(model, run, sites, work)
-        tie_embedding(model.graph, sites)
-        labels = {**fp_labels(model.graph, sites), **labels}
-        if precision == "fp16":
+        if half:
             model = to_float16(model)
-            labels = {name: label.replace("(fp32)", "(fp16)") for name, label in labels.items()}
-        save_model(model, out_dir / MODEL_FILE)
+        mat = materialize(model, run, plan, accuracy_level, data, compact=bool(plan) and not half)
+        data.close()
+        labels = mat.labels
+        if dynamic:
+            model, labels = quantize_dynamic_int8(model, run, mat, work)
+            save_model(model, out_dir / MODEL_FILE)
+        else:
+            onnx.save_model(model, str(out_dir / MODEL_FILE))
     finally:
+        data.close()
         shutil.rmtree(work, ignore_errors=True)
-    validate(out_dir / MODEL_FILE)
+    t_write = time.perf_counter() - t0 - t_graph
+    checked = validate(out_dir / MODEL_FILE, mat.weight_bytes)
     for f in run.side_files():
         shutil.copy2(f, out_dir / f.name)
     opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
@@ -524,8 +597,14 @@ def export_onnx(run: RunDir, precision: str, out_dir: Path, accuracy_level: int 
         "io": {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]},
         "opset": opset,
         "precision": precision,
+        "activations": "fp16" if half else "fp32",
         "accuracy_level": accuracy_level,
-        "timings_s": {"graph": round(t_graph, 3), "total": round(time.perf_counter() - t0, 3)},
+        "timings_s": {
+            "graph": round(t_graph, 3),
+            "weights": round(t_write, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
+        **checked,
     }
     log.info("exported %s %s to %s in %.1fs", run.path.name, precision, out_dir, info["timings_s"]["total"])
     return info
