@@ -149,6 +149,13 @@ def _refuse_foreign_dir(out: Path, marker: str) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="ONNX precision.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help=".gguf file or ONNX dir.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True, help="MatMulNBits.")
+@click.option(
+    "--activations",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="ONNX int4/int8: the graph's float type (fp32 is exact; fp16 halves KV cache and scales).",
+)
 @click.option("--parity-tokens", type=int, default=256, show_default=True)
 @click.option("--no-parity", is_flag=True, help="Skip the parity measurement.")
 @click.option(
@@ -160,7 +167,9 @@ def _refuse_foreign_dir(out: Path, marker: str) -> None:
     help="Also write an integration bundle (artifact, tokenizer, manifest, Python/C++/Android examples) "
     "at DIR, or beside the artifact (OUT.bundle) when no DIR follows.",
 )
-def export(source, fmt, gguf_type, precision, out, accuracy_level, parity_tokens, no_parity, bundle) -> None:
+def export(
+    source, fmt, gguf_type, precision, out, accuracy_level, activations, parity_tokens, no_parity, bundle
+) -> None:
     """Export a run dir (or model dir) SOURCE to GGUF or ONNX with a manifest and parity report."""
     from edgeq.api import export as do_export
     from edgeq.config import ExportConfig
@@ -170,7 +179,9 @@ def export(source, fmt, gguf_type, precision, out, accuracy_level, parity_tokens
     if kind is None or (fmt == "gguf" and precision) or (fmt == "onnx" and gguf_type):
         want = "--type {f32,f16,q8_0,q4_0,q4_1}" if fmt == "gguf" else "--precision {fp32,fp16,int8,int4}"
         raise ConfigError(f"--format {fmt} needs {want}")
-    cfg = ExportConfig(fmt, kind, not no_parity, parity_tokens, accuracy_level, bundle is not None, bundle or None)
+    cfg = ExportConfig(
+        fmt, kind, not no_parity, parity_tokens, accuracy_level, activations, bundle is not None, bundle or None
+    )
     man = do_export(source, cfg, out)
     line = f"wrote {fmt} {kind} -> {out} (manifest {man.path.name}"
     if man.parity:
