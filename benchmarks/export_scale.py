@@ -10,7 +10,8 @@ Stages, each in its own child process so that its peak memory is its own:
    one shard of <= ``--shard-mb`` in memory at a time) with ``model.safetensors.index.json``, a Llama
    config.json and the bundled byte-level BPE tokenizer (its ids fit any vocab; GGUF pads the rest);
 2. ``compress``: RTN w4g32 through ``edgeq.api.compress`` (streams tensors in, but see the report);
-3. ``gguf``: ``edgeq export --type q4_0`` (no parity), 4. ``onnx``: ``--precision int4`` (no parity).
+3. ``gguf``: ``edgeq export --type q4_0`` (no parity), 4. ``onnx``: ``--precision int4`` (no parity),
+5. ``onnx16``: ``--precision int4 --activations fp16`` (float16 scales, KV cache and float tensors).
 
 Memory of each stage: ``VmHWM`` of the child (``/proc/self/status``, read by the child at its end:
 its peak resident set, *including file-backed pages* of memory-mapped inputs, which the kernel can
@@ -23,8 +24,10 @@ fp16 scale per group (and its zero when asymmetric), every other tensor at fp16 
 and vs the *layout* bytes of the tensors as the format stores them (fp32 scales and fp32 embeddings
 in ONNX), which isolates the writer's own overhead (metadata, tokenizer, protobuf).
 
-ONNX needs the whole fp32 model in torch for optimum's tracer and the graph in memory: with
-``--onnx auto`` it is skipped, with the reason, when ~3 x fp32 bytes exceed the available memory.
+Both exporters stream (one tensor in memory at a time). The ONNX export ends with an onnxruntime
+session on the artifact (every op must have a kernel); past 1 GiB of weights that check runs in a
+child process of the exporter, and its peak (``session_peak_rss_bytes``: the artifact loaded, which
+is a *load* cost, not an export cost) is reported separately.
 Prints a table last and writes JSON (default ``benchmarks/export_scale_<shape>.json``).
 """
 
@@ -154,15 +157,23 @@ def child_stage(stage: str, work: Path, shape_name: str, shard_mb: int) -> dict:
         return {"baseline_rss_bytes": base}
     from edgeq.export.api import export
 
-    if stage == "onnx":
+    if stage.startswith("onnx"):
         import optimum.exporters.onnx  # noqa: F401
         import torch  # noqa: F401
     base = proc_status()["VmRSS"]
     if stage == "gguf":
         man = export(work / "run", ExportConfig("gguf", "q4_0", parity=False), work / "model.q4_0.gguf")
     else:
-        man = export(work / "run", ExportConfig("onnx", "int4", parity=False), work / "onnx-int4")
-    return {"baseline_rss_bytes": base, "artifact_bytes": man.weight_bytes, "types": man.scheme["artifact_types"]}
+        activations = "fp16" if stage == "onnx16" else "fp32"
+        cfg = ExportConfig("onnx", "int4", parity=False, activations=activations)
+        man = export(work / "run", cfg, work / f"{stage}-int4")
+    out = {"baseline_rss_bytes": base, "artifact_bytes": man.weight_bytes, "types": man.scheme["artifact_types"]}
+    onnx_info = man.extra.get("onnx", {})
+    if "session_peak_rss_bytes" in onnx_info:
+        out["session_peak_rss_bytes"] = onnx_info["session_peak_rss_bytes"]
+    if "timings_s" in onnx_info:
+        out["timings_s"] = onnx_info["timings_s"]
+    return out
 
 
 def run_child(stage: str, args: argparse.Namespace, mem_cap_bytes: int) -> dict:
@@ -224,7 +235,7 @@ def ideal_bytes(run_dir: Path) -> int:
     return int(total)
 
 
-def layout_bytes(run_dir: Path, fmt: str, types: dict[str, str]) -> int:
+def layout_bytes(run_dir: Path, fmt: str, types: dict[str, str], scale_bytes: int = 4) -> int:
     """The bytes of the tensors as the artifact stores them (GGUF block types; ONNX labels)."""
     import re
 
@@ -242,9 +253,9 @@ def layout_bytes(run_dir: Path, fmt: str, types: dict[str, str]) -> int:
             bits, block = int(m[1]), int(m[2])
             blocks = -(-dims[1] // block)
             zp = 0 if run.scheme(name).sym else dims[0] * -(-blocks * bits // 8)  # type: ignore[union-attr]
-            total += dims[0] * blocks * (block * bits // 8 + 4) + zp  # packed codes + fp32 scales
+            total += dims[0] * blocks * (block * bits // 8 + scale_bytes) + zp  # packed codes + scales
         else:
-            total += n_params * (2 if label in ("f16",) or "fp16" in label else 4)
+            total += n_params * (2 if label in ("f16",) or "fp16" in label else 4)  # incl. fp32<-fp16
     return total
 
 
@@ -253,24 +264,25 @@ def summarize(results: list[dict], model: dict, ideal: int, work: Path) -> None:
     """Add goal checks and size ratios to the export results, in place."""
     budget = 3 * GIB + model["largest_tensor_fp32_bytes"]
     for res in results:
-        if res["stage"] not in ("gguf", "onnx") or "skipped" in res:
+        if res["stage"] not in ("gguf", "onnx", "onnx16") or "skipped" in res:
             continue
         res["rss_budget_bytes"] = budget
         res["peak_ok_vmhwm"] = res["vmhwm_bytes"] < budget
         res["peak_ok_anon"] = res["peak_rssanon_bytes"] < budget
         res["ideal_bytes"] = ideal
         res["size_ratio_ideal"] = round(res["artifact_bytes"] / ideal, 4)
-        res["layout_bytes"] = layout_bytes(work / "run", res["stage"], res.pop("types"))
+        fmt = "gguf" if res["stage"] == "gguf" else "onnx"
+        res["layout_bytes"] = layout_bytes(work / "run", fmt, res.pop("types"), 2 if res["stage"] == "onnx16" else 4)
         res["size_ratio_layout"] = round(res["artifact_bytes"] / res["layout_bytes"], 4)
         res["size_ok"] = res["size_ratio_ideal"] <= 1.03
 
 
 def table(results: list[dict]) -> str:
-    head = "| stage | s | VmHWM GiB | peak RssAnon GiB | peak RssFile GiB | artifact MiB | x ideal | x layout |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = "| stage | s | VmHWM GiB | peak RssAnon GiB | peak RssFile GiB | artifact MiB | x ideal | x layout | check session GiB |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['stage']} | {r['seconds']} | skipped: {r['skipped']} |||||")
+            lines.append(f"| {r['stage']} | {r['seconds']} | skipped: {r['skipped']} ||||||")
             continue
         gib = [f"{r.get(k, 0) / GIB:.2f}" for k in ("vmhwm_bytes", "peak_rssanon_bytes", "peak_rssfile_bytes")]
         size = ["", "", ""]
@@ -280,21 +292,14 @@ def table(results: list[dict]) -> str:
                 f"{r['size_ratio_ideal']:.3f}",
                 f"{r['size_ratio_layout']:.4f}",
             ]
-        lines.append(f"| {r['stage']} | {r['seconds']} | {' | '.join(gib)} | {' | '.join(size)} |")
+        session = f"{r['session_peak_rss_bytes'] / GIB:.2f}" if "session_peak_rss_bytes" in r else ""
+        lines.append(f"| {r['stage']} | {r['seconds']} | {' | '.join(gib)} | {' | '.join(size)} | {session} |")
     return "\n".join(lines)
 
 
-def onnx_skip_reason(mode: str, params: int) -> str | None:
+def onnx_skip_reason(mode: str) -> str | None:
     """Why ONNX is not attempted (None: attempt it)."""
-    if mode == "no":
-        return "--onnx no"
-    need = 3 * 4 * params  # fp32 torch model + the traced graph + the graph loaded back
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if mode == "auto" and need > avail:
-        return (f"optimum traces the whole fp32 model in torch: ~{need / GIB:.0f} GiB (3 x fp32 weights) > "
-                f"{avail / GIB:.0f} GiB available; a streaming ONNX writer (graph from a small traced model, "
-                "initializers packed tensor by tensor) would lift this")  # fmt: skip
-    return None
+    return "--onnx no" if mode == "no" else None
 
 
 def run_stages(args: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -314,10 +319,10 @@ def run_stages(args: argparse.Namespace) -> tuple[list[dict], dict]:
     if not (args.reuse and (args.work / "run" / "run.json").exists()):
         shutil.rmtree(args.work / "run", ignore_errors=True)
         results.append(run_child("compress", args, cap))
-    for stage in ("gguf", "onnx"):
-        shutil.rmtree(args.work / "onnx-int4", ignore_errors=True)
+    for stage in ("gguf", "onnx", "onnx16"):
+        shutil.rmtree(args.work / f"{stage}-int4", ignore_errors=True)
         (args.work / "model.q4_0.gguf").unlink(missing_ok=True)
-        reason = onnx_skip_reason(args.onnx, model["params"]) if stage == "onnx" else None
+        reason = onnx_skip_reason(args.onnx) if stage.startswith("onnx") else None
         if reason:
             results.append({"stage": stage, "seconds": 0, "skipped": reason})
             continue
