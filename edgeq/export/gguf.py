@@ -18,15 +18,19 @@ tensors compressed with a per-tensor override take the requested type if they fi
 
 Nibble order within a block (element ``j`` in the low nibble of byte ``j``, element ``j + 16`` in
 the high nibble) and the Q/K row permutation for llama.cpp's RoPE layout follow llama.cpp's
-``gguf-py/gguf/quants.py`` and ``convert_hf_to_gguf.py`` (``LlamaModel.permute``); Qwen2 uses the
-NEOX RoPE layout in llama.cpp and is not permuted. Tensors are written one at a time through
-``GGUFWriter``'s header / tensor-info / data API, so the exporter holds one converted tensor at a time.
+``gguf-py/gguf/quants.py`` and ``convert_hf_to_gguf.py`` (``LlamaModel.permute``); Qwen2 and Phi-3 use
+the NEOX RoPE layout in llama.cpp and are not permuted. Phi-3's fused projections keep their HF row
+order: ``qkv_proj`` -> ``attn_qkv`` (llama.cpp's ``build_qkv`` views rows [q; k; v]) and
+``gate_up_proj`` -> ``ffn_up`` (its SWIGLU is ``silu(first half) * second half``, HF's
+``up * act(gate)`` with ``gate, up = chunk(2)``), so fused tensors pack from the run's codes like any
+other. Tensors are written one at a time through ``GGUFWriter``'s header / tensor-info / data API, so
+the exporter holds one converted tensor at a time. Tokenizer metadata: ``edgeq.export.gguf_vocab``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +39,11 @@ import numpy as np
 
 from edgeq.compress.quant import QuantizedWeight, QuantScheme
 from edgeq.errors import ExportError
+from edgeq.export.gguf_vocab import SPLIT_PRE as SPLIT_PRE  # re-exported: tokenizer metadata lives there
+from edgeq.export.gguf_vocab import GgufVocab as GgufVocab
+from edgeq.export.gguf_vocab import add_tokenizer as add_tokenizer
+from edgeq.export.gguf_vocab import read_bpe_vocab as read_bpe_vocab
+from edgeq.export.gguf_vocab import read_vocab
 from edgeq.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -65,13 +74,14 @@ class ArchSpec:
     """How a Hugging Face ``model_type`` maps to a llama.cpp architecture."""
 
     gguf_arch: str  # general.architecture and the prefix of its keys
-    permute_qk: bool  # llama.cpp's converter permutes Q/K rows (NORM RoPE) for llama, not qwen2 (NEOX)
+    permute_qk: bool  # llama.cpp's converter permutes Q/K rows (NORM RoPE) for llama, not qwen2/phi3 (NEOX)
 
 
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", True),
     "mistral": ArchSpec("llama", True),
     "qwen2": ArchSpec("qwen2", False),
+    "phi3": ArchSpec("phi3", False),
 }
 _TOP_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -86,9 +96,11 @@ _BLOCK_NAMES = {  # llama.cpp's tensor names (gguf-py constants.TENSOR_NAMES) pe
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.qkv_proj": "attn_qkv",  # phi3: fused rows [q; k; v], split by llama.cpp's build_qkv
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate_up_proj": "ffn_up",  # phi3: fused rows [gate; up], llama.cpp's SWIGLU takes silu(first half)
 }
 
 
@@ -112,7 +124,7 @@ def gguf_name(hf_name: str) -> str:
         if module in _BLOCK_NAMES and suffix in ("weight", "bias"):
             return f"blk.{parts[2]}.{_BLOCK_NAMES[module]}.{suffix}"
     raise ExportError(
-        f"tensor {hf_name!r} has no llama.cpp name; expected a Llama/Mistral/Qwen2 checkpoint's tensors "
+        f"tensor {hf_name!r} has no llama.cpp name; expected a Llama/Mistral/Qwen2/Phi-3 checkpoint's tensors "
         "— export onnx instead"
     )
 
@@ -180,7 +192,7 @@ def check_gguf_compat(run: RunDir, gguf_type: str) -> dict[str, str]:
     """
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"GGUF type {gguf_type!r} is not supported; expected one of {list(GGUF_TYPES)}")
-    arch_spec(run)
+    check_rope(run)
     quantized = set(run.quantized_names())
     if gguf_type in BLOCK_TYPES and not quantized:
         raise ExportError(
@@ -292,178 +304,125 @@ def _row_order(run: RunDir, name: str) -> np.ndarray | None:
     return None
 
 
-# -- tokenizer ---------------------------------------------------------------------------------
-# Byte-level BPE pre-tokenizers llama.cpp implements (src/llama-vocab.cpp), keyed by what HF's
-# tokenizer.json says. "gpt-2" is ByteLevel(use_regex=True)'s own GPT-2 regex; the others are a Split
-# regex followed by ByteLevel(use_regex=False). The names are llama.cpp's (llama_vocab::load: "gpt-2",
-# "llama-bpe", "qwen2"). Equality of tokenizations is tested, not assumed.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPLIT_PRE = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+# -- model metadata ----------------------------------------------------------------------------
+def _head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
-@dataclass
-class BpeVocab:
-    """What llama.cpp's ``gpt2`` (byte-level BPE) tokenizer model needs, read from tokenizer.json."""
-
-    pre: str  # tokenizer.ggml.pre
-    tokens: list[str]  # in id order, byte-level unicode form (e.g. "Ġthe")
-    types: list[int]  # gguf.TokenType per token
-    merges: list[str]  # "a b", in rank order
-    special_ids: dict[str, int]  # bos / eos / unk / pad -> id
-    add_bos: bool
-    chat_template: str | list | None
+def rope_dims(cfg: dict) -> int:
+    """Rotated dimensions per head: HF rotates the first ``head_dim * partial_rotary_factor`` (Phi-3
+    rotate_half on ``q[..., :rotary_dim]``), which llama.cpp's NEOX RoPE does with ``n_rot`` of them."""
+    return int(_head_dim(cfg) * float(cfg.get("partial_rotary_factor", 1.0)))
 
 
-def _pre_type(tok: dict) -> str | None:
-    pre = tok.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel":
-        return "gpt-2" if pre.get("use_regex", True) and not pre.get("add_prefix_space") else None
-    items = pre.get("pretokenizers") or []
-    if pre.get("type") == "Sequence" and len(items) == 2:
-        split, byte_level = items
-        if split.get("type") == "Split" and byte_level.get("type") == "ByteLevel":
-            if not byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space"):
-                return SPLIT_PRE.get((split.get("pattern") or {}).get("Regex"))
-    return None
+def _rope_kind(cfg: dict) -> str | None:
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    return "longrope" if kind == "su" else kind  # "su" is transformers' old name of Phi-3's longrope
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
-def _load_tokenizer_json(model_dir: Path) -> dict:
-    path = model_dir / "tokenizer.json"
-    what = "no tokenizer.json"
-    tok: dict = {}
-    if path.exists():
-        tok = _read_json(path)
-        model = tok.get("model") or {}
-        normalizer = (tok.get("normalizer") or {}).get("type")
-        pre = _pre_type(tok)
-        if model.get("type") == "BPE" and pre and normalizer in (None, "NFC"):
-            return tok
-        what = f"model {model.get('type')}, pre-tokenizer {(tok.get('pre_tokenizer') or {}).get('type')}"
-    raise ExportError(
-        f"GGUF export needs a byte-level BPE tokenizer.json (GPT-2, Llama-3 or Qwen2 pre-tokenization); "
-        f"got {what} in {model_dir} — SentencePiece tokenizers are not supported yet: export onnx"
+def _check_longrope(run: RunDir) -> None:
+    cfg, arch = run.config, arch_spec(run).gguf_arch
+    if arch != "phi3":
+        raise ExportError(f"longrope rope_scaling is supported for phi3 only; got it on {arch} — export onnx instead")
+    half = rope_dims(cfg) // 2
+    scaling = cfg["rope_scaling"]
+    for key in ("short_factor", "long_factor"):
+        value = scaling.get(key)
+        if not (isinstance(value, list) and len(value) == half and all(isinstance(v, (int, float)) for v in value)):
+            raise ExportError(
+                f"longrope rope_scaling needs {key} as {half} numbers (rotary dims / 2); got {str(value)[:60]} "
+                "— fix config.json, or export onnx"
+            )
+    log.info(
+        "longrope: llama.cpp uses the long factors when n_ctx > %s (HF: when the sequence is longer)",
+        cfg.get("original_max_position_embeddings", cfg["max_position_embeddings"]),
     )
 
 
-def _token_content(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def _special_ids(model_dir: Path, ids: dict[str, int], config: dict) -> dict[str, int]:
-    """bos/eos/unk/pad ids from tokenizer_config.json, special_tokens_map.json, then config.json."""
-    tok_cfg = _read_json(model_dir / "tokenizer_config.json")
-    special_map = _read_json(model_dir / "special_tokens_map.json")
-    out: dict[str, int] = {}
-    for kind in ("bos", "eos", "unk", "pad"):
-        content = _token_content(tok_cfg.get(f"{kind}_token")) or _token_content(special_map.get(f"{kind}_token"))
-        if content is not None and content in ids:
-            out[kind] = ids[content]
-            continue
-        value = config.get(f"{kind}_token_id")
-        value = value[0] if isinstance(value, list) and value else value
-        if isinstance(value, int):
-            out[kind] = value
-    return out
-
-
-def _adds_bos(tok: dict, tok_cfg: dict, bos: str | None) -> bool:
-    if isinstance(tok_cfg.get("add_bos_token"), bool):
-        return tok_cfg["add_bos_token"]
-    post = tok.get("post_processor") or {}
-    if post.get("type") == "TemplateProcessing" and bos is not None:
-        first = (post.get("single") or [{}])[0]
-        return (first.get("SpecialToken") or {}).get("id") == bos
-    return False
-
-
-def read_bpe_vocab(model_dir: Path, n_vocab: int, config: dict) -> BpeVocab:
-    """The BPE vocabulary of a model dir, padded with ``[PADi]`` (unused) to the embedding's rows."""
-    tok = _load_tokenizer_json(model_dir)
-    ids: dict[str, int] = dict(tok["model"]["vocab"])
-    added = {t["id"]: t for t in tok.get("added_tokens", [])}
-    ids.update({t["content"]: i for i, t in added.items()})
-    if max(ids.values()) >= n_vocab:
+def check_rope(run: RunDir) -> None:
+    """Refuse RoPE settings llama.cpp would compute differently from the torch model (before any work)."""
+    cfg, spec = run.config, arch_spec(run)
+    scaling = cfg.get("rope_scaling") or {}
+    kind = _rope_kind(cfg)
+    n_rot = rope_dims(cfg)
+    if n_rot != _head_dim(cfg) and (spec.permute_qk or n_rot % 2 or n_rot <= 0):
         raise ExportError(
-            f"tokenizer has id {max(ids.values())} but the embedding has {n_vocab} rows; expected ids "
-            "< vocab_size — resize the model's embeddings to the tokenizer"
+            f"partial_rotary_factor={cfg.get('partial_rotary_factor')} ({n_rot} of {_head_dim(cfg)} head dims) is not "
+            f"supported for {spec.gguf_arch}; expected an even rotary width on a NEOX-RoPE arch — export onnx instead"
         )
-    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    types = [int(gguf.TokenType.UNUSED)] * n_vocab
-    for text, i in ids.items():
-        tokens[i] = text
-        special = added[i].get("special", False) if i in added else None
-        types[i] = int(
-            gguf.TokenType.NORMAL
-            if special is None
-            else gguf.TokenType.CONTROL
-            if special
-            else gguf.TokenType.USER_DEFINED
+    if kind == "longrope":
+        _check_longrope(run)
+    elif kind not in (None, "default", "linear"):
+        raise ExportError(
+            f"rope_scaling type {kind!r} of {run.path.name} is not supported by edgeq's GGUF export; expected none, "
+            "'linear' or (phi3) 'longrope' — export onnx instead"
         )
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
-    tok_cfg = _read_json(model_dir / "tokenizer_config.json")
-    template = tok_cfg.get("chat_template")
-    if template is None and (model_dir / "chat_template.jinja").exists():
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    special_ids = _special_ids(model_dir, ids, config)
-    bos = tokens[special_ids["bos"]] if "bos" in special_ids else None
-    return BpeVocab(_pre_type(tok) or "", tokens, types, merges, special_ids, _adds_bos(tok, tok_cfg, bos), template)
+    if kind == "linear" and not isinstance(scaling.get("factor"), (int, float)):
+        raise ExportError(f"rope_scaling 'linear' needs a numeric factor; got {scaling!r} — fix config.json")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, vocab: BpeVocab) -> None:
-    """``tokenizer.ggml.*`` keys for llama.cpp's byte-level BPE ("gpt2") tokenizer model."""
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
-    adders = {
-        "bos": writer.add_bos_token_id,
-        "eos": writer.add_eos_token_id,
-        "unk": writer.add_unk_token_id,
-        "pad": writer.add_pad_token_id,
+def longrope_attn_factor(cfg: dict) -> float:
+    """The cos/sin scale of HF's longrope (``_compute_longrope_parameters``): sqrt(1 + ln s / ln L0)."""
+    scaling = cfg["rope_scaling"]
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = cfg.get("original_max_position_embeddings")
+    factor = cfg["max_position_embeddings"] / original if original else float(scaling.get("factor", 1.0))
+    original = original or cfg["max_position_embeddings"]
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_factor_tensors(run: RunDir) -> dict[str, np.ndarray]:
+    """phi3 longrope: per-frequency divisors of theta (llama.cpp's ``rope_factors_long/short``, F32)."""
+    if _rope_kind(run.config) != "longrope":
+        return {}
+    scaling = run.config["rope_scaling"]
+    return {
+        "rope_factors_long.weight": np.asarray(scaling["long_factor"], dtype=np.float32),
+        "rope_factors_short.weight": np.asarray(scaling["short_factor"], dtype=np.float32),
     }
-    for kind, token_id in vocab.special_ids.items():
-        adders[kind](token_id)
-    writer.add_add_bos_token(vocab.add_bos)
-    writer.add_add_eos_token(False)
-    if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
 
 
-# -- model metadata ----------------------------------------------------------------------------
 def _add_rope_scaling(writer: gguf.GGUFWriter, config: dict) -> None:
     scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return
+    kind = _rope_kind(config)
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-        return
-    raise ExportError(
-        f"rope_scaling type {kind!r} is not supported by edgeq's GGUF export; expected none or 'linear' "
-        "— export onnx instead"
-    )
+    if kind == "longrope":
+        writer.add_rope_scaling_attn_factors(longrope_attn_factor(config))
+    if "original_max_position_embeddings" in config:  # phi3: n_ctx_orig of llama.cpp's RoPE
+        writer.add_rope_scaling_orig_ctx_len(int(config["original_max_position_embeddings"]))
 
 
-def add_model_metadata(writer: gguf.GGUFWriter, run: RunDir, n_vocab: int, file_type: str) -> None:
-    """Architecture keys (``{arch}.context_length`` ...) that llama.cpp's llama/qwen2 loaders read."""
+# llama.cpp (llama_vocab::impl::load) sets token attributes by general.name: a name containing "phi3" or
+# "phi-3" makes it look these tokens up with unordered_map::at, and the load fails when one is missing.
+_PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def model_name(run: RunDir, tokens: list[str] | None = None) -> str | None:
+    """``general.name``: the dir's name, or None where llama.cpp's Phi-3 name hook would fail to load it."""
+    name = run.path.name
+    if tokens is not None and ("phi3" in name.lower() or "phi-3" in name.lower()):
+        missing = [t for t in _PHI3_NAME_TOKENS if t not in set(tokens)]
+        if missing:
+            log.warning("not writing general.name %r: llama.cpp would look up Phi-3 tokens %s it lacks", name, missing)
+            return None
+    return name
+
+
+def add_model_metadata(
+    writer: gguf.GGUFWriter, run: RunDir, n_vocab: int, file_type: str, tokens: list[str] | None = None
+) -> None:
+    """Architecture keys (``{arch}.context_length`` ...) that llama.cpp's llama/qwen2/phi3 loaders read."""
     cfg = run.config
     heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    head_dim = _head_dim(cfg)
     writer.add_type("model")
-    writer.add_name(run.path.name)
+    name = model_name(run, tokens)
+    if name is not None:
+        writer.add_name(name)
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -472,7 +431,7 @@ def add_model_metadata(writer: gguf.GGUFWriter, run: RunDir, n_vocab: int, file_
     writer.add_head_count_kv(cfg.get("num_key_value_heads", heads))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope_dims(cfg))
     writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(n_vocab)
@@ -529,27 +488,33 @@ def tensor_data(run: RunDir, name: str, gtype: str) -> np.ndarray:
 def export_gguf(run: RunDir, gguf_type: str, out_file: Path) -> dict:
     """Write ``run`` as a complete GGUF file at ``out_file`` (the caller makes it atomic).
 
-    Returns ``{"tensor_types": {hf_name: type}, "gguf_names": {hf_name: gguf_name}}``.
+    Returns ``{"tensor_types": {hf_name: type}, "gguf_names": {hf_name: gguf_name},
+    "extra_tensors": [gguf_name, ...]}`` (extras: tensors made from the config, e.g. phi3 rope factors).
     """
     types = check_gguf_compat(run, gguf_type)
     spec = arch_spec(run)
     n_vocab = run.shape("model.embed_tokens.weight")[0]
-    vocab = read_bpe_vocab(run.path, n_vocab, run.config)
+    vocab = read_vocab(run.path, n_vocab, run.config)
     names = {name: gguf_name(name) for name in types}
     order = sorted(types, key=lambda n: _order_key(names[n]))
+    extras = rope_factor_tensors(run)
     writer = gguf.GGUFWriter(Path(out_file), spec.gguf_arch)
     try:
-        add_model_metadata(writer, run, n_vocab, dominant_type(run, types, gguf_type))
+        add_model_metadata(writer, run, n_vocab, dominant_type(run, types, gguf_type), vocab.tokens)
         add_tokenizer(writer, vocab)
         for name in order:
             shape, dtype, nbytes = _info_shape(run.shape(name), types[name])
             writer.add_tensor_info(names[name], shape, dtype, nbytes, raw_dtype=_QTYPE[types[name]])
+        for gname, data in extras.items():
+            writer.add_tensor_info(gname, data.shape, data.dtype, data.nbytes, raw_dtype=_QTYPE["f32"])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for name in order:  # one converted tensor in memory at a time
             writer.write_tensor_data(tensor_data(run, name, types[name]))
+        for data in extras.values():
+            writer.write_tensor_data(data)
     finally:
         writer.close()
-    log.info("wrote %s (%s, %d tensors)", out_file, gguf_type, len(types))
-    return {"tensor_types": types, "gguf_names": names}
+    log.info("wrote %s (%s, %d tensors)", out_file, gguf_type, len(types) + len(extras))
+    return {"tensor_types": types, "gguf_names": names, "extra_tensors": list(extras)}
