@@ -1,7 +1,8 @@
 """Runs a recipe's stages in order and owns the output layout::
 
 OUT/
-  runs/NAME/                 run dirs (compress stage)
+  runs/NAME/                 run dirs (compress stage; with a distill section: the distilled run)
+  runs/NAME.ptq/             the compress stage's run when a distill section retrains it into runs/NAME/
   artifacts/NAME.TYPE.gguf   GGUF artifacts (+ NAME.TYPE.manifest.json)
   artifacts/NAME.onnx-TYPE/  ONNX artifacts (model.onnx, tokenizer, manifest.json)
   bench/LABEL.json           one runtime result per artifact
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq.config import BenchConfig, ExportConfig
-from edgeq.recipe import Recipe
+from edgeq.recipe import Recipe, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,16 @@ def artifact_label(run_name: str, cfg: ExportConfig) -> str:
     return f"{run_name}/{cfg.format}-{cfg.type}"
 
 
+def _distill(spec: RunSpec, ptq_dir: Path, out: Path, say: Callable[[str], None]) -> Path:
+    """The distill step: retrain the compressed run (in this process) into ``out``."""
+    from edgeq.compress.distill.run import distill
+
+    cfg = spec.distill
+    say(f"distill {spec.name}: {cfg.loss}, {cfg.steps} steps per block")
+    teacher = str(resolve_model(spec.teacher)) if spec.teacher else None  # None: the run's source model
+    return distill(ptq_dir, cfg, out, teacher)
+
+
 def write_eval_text(out: Path, bench: BenchConfig) -> Path:
     """The evaluation text file: the configured one, or the bundled held-out stdlib text."""
     if bench.eval_text:
@@ -63,7 +74,7 @@ def write_eval_text(out: Path, bench: BenchConfig) -> Path:
 def run_recipe(
     recipe: Recipe, out: Path | None = None, progress: Callable[[str], None] | None = None
 ) -> PipelineResult:
-    """Compress, export, bench and report as the recipe says; returns where everything went."""
+    """Compress, distill, export, bench and report as the recipe says; returns where everything went."""
     from edgeq.api import bench as bench_artifact
     from edgeq.api import compress, export, report
 
@@ -78,7 +89,10 @@ def run_recipe(
             run_dir = Path(model)
         else:
             say(f"compress {spec.name}: {spec.compress.method} {spec.compress.scheme.label}")
-            run_dir = compress(model, spec.compress, out / "runs" / spec.name)
+            ptq_dir = out / "runs" / (f"{spec.name}.ptq" if spec.distill else spec.name)
+            run_dir = compress(model, spec.compress, ptq_dir)
+            if spec.distill is not None:
+                run_dir = _distill(spec, run_dir, out / "runs" / spec.name, say)
         result.runs[spec.name] = run_dir
         for cfg in spec.exports:
             label = artifact_label(spec.name, cfg)

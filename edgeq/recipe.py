@@ -11,7 +11,14 @@ a single run (top-level ``compress`` and ``export``), or several (``runs:``, eac
       - name: rtn-w4g32
         compress: {method: rtn, bits: 4, group_size: 32, sym: true}
         export: [{format: gguf, type: q4_0}, {format: onnx, type: int4}]
+      - name: gptq-w2g32-kd
+        compress: {method: gptq, bits: 2, group_size: 32}
+        distill: {loss: mse+sw, steps: 200}   # optional, after compress: retrain, then export that
+        export: [{format: onnx, type: int4}]
     bench: {repeat: 3, decode_tokens: 64}   # optional: measure every artifact
+
+A ``distill`` section takes the fields of ``edgeq.compress.distill.config.DistillConfig`` (the options of
+``edgeq distill``) plus ``teacher`` (default: the recipe's model).
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgeq.compress.distill.config import DistillConfig
+from edgeq.compress.distill.config import config_from_dict as distill_config_from_dict
 from edgeq.config import BenchConfig, CompressConfig, ExportConfig, config_from_dict
 from edgeq.errors import ConfigError
 
-TOP_KEYS = {"model", "out", "runs", "compress", "export", "bench", "name"}
-RUN_KEYS = {"name", "compress", "export"}
+TOP_KEYS = {"model", "out", "runs", "compress", "distill", "export", "bench", "name"}
+RUN_KEYS = {"name", "compress", "distill", "export"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,8 @@ class RunSpec:
     name: str
     compress: CompressConfig | None
     exports: tuple[ExportConfig, ...]
+    distill: DistillConfig | None = None  # retrain the compressed run before exporting it
+    teacher: str | None = None  # the distill teacher; None: the recipe's model
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class Recipe:
                 {
                     "name": r.name,
                     "compress": asdict(r.compress) if r.compress else None,
+                    "distill": {**r.distill.to_dict(), "teacher": r.teacher} if r.distill else None,
                     "export": [asdict(e) for e in r.exports],
                 }
                 for r in self.runs
@@ -74,11 +86,29 @@ def _run_spec(data: dict, where: str) -> RunSpec:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"run name {name!r} in {where} must use letters, digits, '.', '_' or '-'")
     compress = config_from_dict(CompressConfig, data["compress"], f"{where}.compress") if data.get("compress") else None
+    distill, teacher = _distill_section(data, compress, where)
     exports = data.get("export") or []
     if isinstance(exports, dict):
         exports = [exports]
     parsed = tuple(config_from_dict(ExportConfig, e, f"{where}.export[{i}]") for i, e in enumerate(exports))
-    return RunSpec(name, compress, parsed)
+    return RunSpec(name, compress, parsed, distill, teacher)
+
+
+def _distill_section(data: dict, compress: CompressConfig | None, where: str):
+    if "distill" not in data:
+        return None, None
+    section = data["distill"]
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}.distill must be a mapping, got {type(section).__name__}")
+    if compress is None:
+        raise ConfigError(f"{where}.distill needs a compress section in the same run (distill retrains its codes)")
+    section = dict(section)
+    teacher = section.pop("teacher", None)
+    cfg = distill_config_from_dict(section, f"{where}.distill")
+    if cfg.fsdp:
+        raise ConfigError(f"{where}.distill: fsdp needs several processes; run `edgeq distill --nproc N --fsdp`")
+    return cfg, None if teacher is None else str(teacher)
 
 
 def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
@@ -88,11 +118,11 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
     if "model" not in data:
         raise ConfigError(f"{where} has no 'model'; expected a model dir, hub id or 'bundled'")
     if "runs" in data:
-        if any(k in data for k in ("compress", "export", "name")):
-            raise ConfigError(f"{where} mixes 'runs' with top-level compress/export; put them inside runs")
+        if any(k in data for k in ("compress", "distill", "export", "name")):
+            raise ConfigError(f"{where} mixes 'runs' with top-level compress/distill/export; put them inside runs")
         runs = tuple(_run_spec(r, f"{where}.runs[{i}]") for i, r in enumerate(data["runs"] or []))
     else:
-        runs = (_run_spec({k: data[k] for k in ("name", "compress", "export") if k in data}, where),)
+        runs = (_run_spec({k: data[k] for k in ("name", "compress", "distill", "export") if k in data}, where),)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"run names in {where} repeat ({names}); give each run a distinct name")

@@ -53,18 +53,43 @@ def teacher_confidence(teacher: torch.Tensor, labels: torch.Tensor | None = None
     return probs.gather(-1, labels.unsqueeze(-1)).mean()
 
 
-def cakld(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    beta = teacher_confidence(teacher, labels)
+def cakld(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, beta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``beta`` defaults to the teacher's confidence on these logits (pass the global batch's value
+    when the batch is sharded over processes)."""
+    if beta is None:
+        beta = teacher_confidence(teacher, labels)
     ls, lt = _log_probs(student, teacher, 1.0)
     return beta * _kl(ls, lt).mean() + (1 - beta) * _kl(lt, ls).mean()
 
 
-def tsld(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float = 10.0) -> torch.Tensor:
-    """Token-scaled logit distillation over all positions of (..., V) logits with (...) labels."""
+def tsld_scores(teacher: torch.Tensor, labels: torch.Tensor, tau: float = 10.0) -> torch.Tensor:
+    """Per-token ``CE_teacher / τ`` (detached), flattened: the logits of TSLD's token weights."""
+    ce = F.cross_entropy(teacher.detach().reshape(-1, teacher.shape[-1]), labels.reshape(-1), reduction="none")
+    return ce / tau
+
+
+def tsld(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float = 10.0,
+    log_normalizer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Token-scaled logit distillation over all positions of (..., V) logits with (...) labels.
+
+    The weights are ``softmax(CE_teacher / τ)`` over these tokens; with ``log_normalizer`` (the
+    ``logsumexp`` of the scores over a larger batch these tokens are a shard of) they are that batch's
+    weights, and the shards' results add up to the batch's loss.
+    """
     ls, lt = _log_probs(student, teacher, 1.0)
     per_token = _kl(lt, ls).reshape(-1)
-    ce_teacher = F.cross_entropy(teacher.detach().reshape(-1, teacher.shape[-1]), labels.reshape(-1), reduction="none")
-    weights = F.softmax(ce_teacher / tau, 0)  # sums to 1 over the tokens
+    scores = tsld_scores(teacher, labels, tau)
+    if log_normalizer is None:
+        weights = F.softmax(scores, 0)  # sums to 1 over the tokens
+    else:
+        weights = torch.exp(scores - log_normalizer)
     return (weights * per_token).sum()
 
 
@@ -90,8 +115,17 @@ def sliced_wasserstein(
     t = teacher.reshape(-1, teacher.shape[-1])
     if directions is None:
         directions = random_directions(s.shape[-1], k, device=s.device, dtype=s.dtype)
-    ps = torch.sort(s @ directions, dim=0).values  # (N, k)
-    pt = torch.sort(t @ directions, dim=0).values
+    return sw_from_projections(s @ directions, t @ directions)
+
+
+def sw_from_projections(student_proj: torch.Tensor, teacher_proj: torch.Tensor) -> torch.Tensor:
+    """SW from (N, k) token projections: per direction, the mean gap of the sorted values, averaged.
+
+    Split from ``sliced_wasserstein`` so that the projections of a batch sharded over processes can be
+    gathered first (sorting needs every token of the batch; see ``edgeq.compress.distill.dist``).
+    """
+    ps = torch.sort(student_proj, dim=0).values  # (N, k)
+    pt = torch.sort(teacher_proj, dim=0).values
     return (ps - pt).abs().mean()
 
 

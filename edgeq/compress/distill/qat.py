@@ -58,25 +58,41 @@ class QATLinear(nn.Module):
         self.set_trainable(("scales",))
 
     def set_trainable(self, groups: tuple[str, ...]) -> None:
-        """Freeze everything but ``groups`` (a subset of ``GROUPS``); 'weights' makes codes move (STE)."""
+        """Freeze everything but ``groups`` (a subset of ``GROUPS``); 'weights' makes codes move (STE).
+
+        Once the latent weights have been trainable the codes stay derived from them (``learn_codes``
+        is sticky): freezing a trained layer must not silently fall back to the PTQ codes.
+        """
         unknown = set(groups) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown parameter groups {sorted(unknown)}; expected some of {GROUPS}")
         self.scales.requires_grad_("scales" in groups)
         self.weight_latent.requires_grad_("weights" in groups)
-        self.learn_codes = "weights" in groups
+        self.learn_codes = self.learn_codes or "weights" in groups
         if self.rank:
             self.lora_a.requires_grad_("adapter" in groups)
             self.lora_b.requires_grad_("adapter" in groups)
+
+    def freeze(self) -> None:
+        """No parameter trains any more; the layer keeps computing what it computed while training."""
+        for p in self.parameters():
+            p.requires_grad_(False)
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(self.gl, dim=1)  # (N, G) -> (N, K)
 
     def quantized_codes(self) -> torch.Tensor:
-        """Float codes of the current parameters (differentiable through the STE when codes learn)."""
+        """Float codes of the current parameters (differentiable through the STE when codes learn).
+
+        The scales enter the rounding detached: through the STE, ``d[round(W/s)·s]/ds`` would be
+        ``round(W/s) − W/s``, the rounding residual, which is float noise (~1e-7) while the latent
+        weights sit on the grid they start on; Adam normalizes that noise into full-size steps of
+        random sign (measured: 1 and 2 processes diverged by 1e-4 relative after one step). Detached,
+        the scales' gradient is the codes', as when only scales train.
+        """
         if not self.learn_codes:
             return self.codes.float()
-        s = self._expand(self.scales)
+        s = self._expand(self.scales.detach())
         safe = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)
         return torch.clamp(round_ste(self.weight_latent / safe) + self._expand(self.zeros), 0, self.scheme.maxq)
 

@@ -12,6 +12,11 @@ computed once on calibration data.
 End-to-end (``kl`` / ``cakld`` / ``tsld`` in the loss): the whole student, scales only, distilled on
 the teacher's logits.
 
+Both loops are data parallel under ``torchrun`` (``edgeq.compress.distill.dist``: each rank takes its
+slice of every global batch; the objective is the one-process objective on the whole batch). Every
+random draw comes from a generator seeded by ``(seed, block, step)`` (``step_generator``), so all ranks
+draw alike without communicating and a resumed run continues the uninterrupted run's sequence.
+
 The result is written as a run dir whose codes are re-derived from the trained parameters
 (``QATLinear.export``), so ``edgeq eval`` / ``edgeq export`` take it unchanged.
 """
@@ -20,54 +25,35 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 
 from edgeq.compress.calibration import capture_block_inputs, get_module, run_block
 from edgeq.compress.distill import losses as L
+from edgeq.compress.distill.config import BLOCK_TERMS, LOGIT_TERMS, DistillConfig
+from edgeq.compress.distill.dist import DistContext
 from edgeq.compress.distill.qat import QATLinear
 from edgeq.compress.mappings import Family
 from edgeq.errors import ConfigError
 
+__all__ = ["BLOCK_TERMS", "LOGIT_TERMS", "DistillConfig", "blockwise", "end_to_end", "compute_saliency"]
 log = logging.getLogger(__name__)
-BLOCK_TERMS = {"mse", "sw"}
-LOGIT_TERMS = {"kl", "cakld", "tsld"}
+E2E_STREAM = -1  # the "block" index of the end-to-end loop's random stream
+_MIX = 1_000_003
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    loss: str = "mse+sw"
-    sw_weight: float = 0.1
-    sw_directions: int = 16
-    train: tuple[str, ...] = ("scales",)  # + "weights" moves codes (STE); unstable at lr 1e-5 so far
-    steps: int = 400  # per block
-    e2e_steps: int = 100  # when the loss names a logit term
-    lr: float = 1e-4  # scales / adapter (Adam: an absolute step, scales are ~1e-2)
-    lr_weights: float = 1e-5  # latent weights (codes move through the STE)
-    batch_size: int = 4
-    saliency: bool = False
-    saliency_lambda: float = 0.05
-    calib: str | None = None
-    n_samples: int = 128
-    seq_len: int = 256
-    seed: int = 0
-    device: str = "auto"
-    terms: frozenset = field(init=False, default=frozenset())
+def step_generator(seed: int, block: int, step: int) -> torch.Generator:
+    """The generator of one training step: a pure function of (seed, block, step)."""
+    return torch.Generator().manual_seed(((seed * _MIX + block + 2) * _MIX + step) % (2**63 - 1))
 
-    def __post_init__(self) -> None:
-        terms = frozenset(t.strip() for t in self.loss.split("+") if t.strip())
-        unknown = terms - BLOCK_TERMS - LOGIT_TERMS
-        if unknown or "mse" not in terms or len(terms & LOGIT_TERMS) > 1:
-            raise ConfigError(
-                f"--loss {self.loss!r} is not supported; expected mse[+sw][+kl|+cakld|+tsld], e.g. mse+sw+cakld"
-            )
-        object.__setattr__(self, "terms", terms)
-        bad = set(self.train) - {"scales", "weights", "adapter"}
-        if bad or not self.train:
-            raise ConfigError(
-                f"--train {','.join(self.train)!r} is not supported; expected some of scales,weights,adapter"
-            )
+
+def _progress(total: int, desc: str, ctx: DistContext):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are never required
+        return None
+    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=True if not ctx.is_main else None)
 
 
 def wrap_block(block, family: Family, prefix: str, quantized: dict) -> dict[str, QATLinear]:
@@ -86,23 +72,37 @@ def wrap_block(block, family: Family, prefix: str, quantized: dict) -> dict[str,
     return out
 
 
-def _optimizer(qats: dict[str, QATLinear], cfg: DistillConfig) -> torch.optim.Optimizer:
+def _optimizer(module: torch.nn.Module, qats: dict[str, QATLinear], cfg: DistillConfig) -> torch.optim.Optimizer:
+    for p in module.parameters():  # norms and the like stay fixed: no gradients computed or synced
+        p.requires_grad_(False)
     for q in qats.values():
         q.set_trainable(cfg.train)
     groups = [{"params": [q.scales for q in qats.values() if q.scales.requires_grad], "lr": cfg.lr}]
     weights = [q.weight_latent for q in qats.values() if q.weight_latent.requires_grad]
     if weights:
         groups.append({"params": weights, "lr": cfg.lr_weights})
-    return torch.optim.Adam([g for g in groups if g["params"]])
+    adapters = [p for q in qats.values() if q.rank for p in (q.lora_a, q.lora_b) if p.requires_grad]
+    if adapters:
+        groups.append({"params": adapters, "lr": cfg.lr})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError(f"--train {','.join(cfg.train)} leaves nothing to train in this block; include scales")
+    return torch.optim.Adam(groups)
 
 
-def block_loss(out, target, cfg: DistillConfig, gen: torch.Generator, stage: str, reg: torch.Tensor | None):
-    if stage == "weights":
-        return reg
+def block_loss(out, target, cfg: DistillConfig, gen: torch.Generator, stage: str, reg, ctx: DistContext):
+    """This rank's share of ``MSE + w·SW (+ λ·L_reg)`` on its shard of the global batch.
+
+    SW is computed on the projections of the *whole* global batch (gathered over ranks), so it is
+    the one-process SW; its gradient reaches each rank through its own shard (see ``dist``).
+    """
     loss = L.block_mse(out, target)
     if "sw" in cfg.terms:
-        u = L.random_directions(out.shape[-1], cfg.sw_directions, gen, dtype=torch.float32).to(out.device)
-        loss = loss + cfg.sw_weight * L.sliced_wasserstein(out.float(), target.float(), u)
+        dim = out.shape[-1]
+        u = L.random_directions(dim, cfg.sw_directions, gen, dtype=torch.float32).to(out.device)  # (D, k)
+        ps = ctx.gather(out.float().reshape(-1, dim) @ u)  # (N_global, k)
+        pt = ctx.gather(target.float().reshape(-1, dim) @ u)
+        loss = loss + cfg.sw_weight * L.sw_from_projections(ps, pt)
     if stage == "mixed" and reg is not None:
         loss = loss + cfg.saliency_lambda * reg
     return loss
@@ -115,53 +115,115 @@ def _stage(step: int, cfg: DistillConfig) -> str:
     return "weights" if step < third else "output" if step < 2 * third else "mixed"
 
 
-def train_block(block, qats, inputs, targets, kwargs, cfg, saliency, device, gen) -> list[float]:
-    """Train one student block towards the teacher block's outputs; returns the loss curve."""
-    opt = _optimizer(qats, cfg)
-    originals = {p: q.weight_latent.detach().clone() for p, q in qats.items()}
+def _device_kwargs(kwargs: dict, device) -> dict:
     kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     if "position_embeddings" in kwargs:
         kw["position_embeddings"] = tuple(t.to(device) for t in kwargs["position_embeddings"])
+    return kw
+
+
+def train_block(block, qats, inputs, targets, kwargs, cfg, saliency, ctx: DistContext, index: int) -> list[float]:
+    """Train one student block towards the teacher block's outputs; returns the (global) loss curve.
+
+    ``inputs`` / ``targets`` hold this rank's shard of every calibration batch.
+    """
+    device = ctx.device
+    opt = _optimizer(block, qats, cfg)
+    model = ctx.ddp(block)
+    originals = {p: q.weight_latent.detach().clone() for p, q in qats.items()}
+    kw = _device_kwargs(kwargs, device)
     curve = []
+    bar = _progress(cfg.steps, f"block {index}", ctx)
     for step in range(cfg.steps):
+        gen = step_generator(cfg.seed, index, step)
         i = int(torch.randint(len(inputs), (1,), generator=gen))
         stage = _stage(step, cfg)
         reg = None
         if saliency is not None and stage != "output":
             reg = sum(L.saliency_regularizer(q.effective_weight(), originals[p], saliency[p]) for p, q in qats.items())
-        out = block(inputs[i].to(device), **kw)
-        out = out[0] if isinstance(out, tuple) else out
-        loss = block_loss(out, targets[i].to(device), cfg, gen, stage, reg)
+        if stage == "weights":
+            loss = reg  # no forward pass: identical on every rank, so no gradient needs syncing
+        else:
+            out = model(inputs[i].to(device), **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = block_loss(out, targets[i].to(device), cfg, gen, stage, reg, ctx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        curve.append(loss.item())
+        curve.append(float(ctx.mean(loss.detach())))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{curve[-1]:.4g}", refresh=False)
+    if bar is not None:
+        bar.close()
     return curve
 
 
-def compute_saliency(teacher, family: Family, ids: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+def compute_saliency(
+    teacher, family: Family, ids: torch.Tensor, batch_size: int, ctx: DistContext | None = None
+) -> dict[str, torch.Tensor]:
     """g² per quantizable weight: mean squared gradient of the LM loss over calibration batches,
-    normalized to mean 1 per tensor so λ does not depend on the model's scale."""
+    normalized to mean 1 per tensor so λ does not depend on the model's scale.
+
+    Under torchrun each rank back-propagates its shard of a batch and the gradients are averaged
+    before squaring, so g² is the square of the whole batch's gradient, as in one process.
+    """
+    ctx = ctx or DistContext()
     params = {n: p for n, p in teacher.named_parameters() if family.quantizable(n)}
     sal = {n: torch.zeros_like(p) for n, p in params.items()}
     teacher.train(False)
     for i in range(0, len(ids), batch_size):
-        x = ids[i : i + batch_size]
+        x = ctx.shard(ids[i : i + batch_size]).to(ctx.device)
         teacher.zero_grad(set_to_none=True)
         teacher(x, labels=x).loss.backward()
+        ctx.average_grads(params.values())
         for n, p in params.items():
             sal[n] += p.grad.detach() ** 2
     teacher.zero_grad(set_to_none=True)
     return {n: s / s.mean().clamp(min=1e-30) for n, s in sal.items()}
 
 
-def blockwise(teacher, student, family, ids, quantized, cfg: DistillConfig, device, saliency=None) -> dict:
-    """Train every student block in order; returns per-block loss curves. Modifies ``student``."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+def shard_batches(ids: torch.Tensor, batch_size: int, ctx: DistContext) -> torch.Tensor:
+    """This rank's rows of ``ids`` (n, T), batch by batch: (n/world, T), kept in batch order."""
+    if not ctx.enabled:
+        return ids
+    if len(ids) % batch_size:
+        raise ConfigError(
+            f"n_samples={len(ids)} is not a multiple of batch_size={batch_size}; multi-process distillation "
+            "needs full batches: choose --n-samples as a multiple of --batch-size"
+        )
+    return torch.cat([ctx.shard(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)])
+
+
+BlockDone = Callable[[int, dict, dict], None]  # (block index, curves so far, {full path: QATLinear})
+
+
+def blockwise(
+    teacher,
+    student,
+    family,
+    ids,
+    quantized,
+    cfg: DistillConfig,
+    ctx: DistContext,
+    saliency=None,
+    start: int = 0,
+    restored: dict | None = None,
+    curves: dict | None = None,
+    on_block_done: BlockDone | None = None,
+) -> dict:
+    """Train every student block in order; returns loss curves by ``"block I"``. Modifies ``student``.
+
+    Blocks before ``start`` are not trained again: their parameters come from ``restored`` (a resumed
+    run) and they only run forward, to rebuild the next block's inputs exactly.
+    """
+    device = ctx.device
+    local_ids = shard_batches(ids, cfg.batch_size, ctx)
     with torch.no_grad():
-        x_t, kwargs = capture_block_inputs(teacher, family, ids, cfg.batch_size)
+        x_t, kwargs = capture_block_inputs(teacher, family, local_ids, cfg.batch_size // ctx.world)
         x_s = [h.clone() for h in x_t]
-    curves = {}
+    curves = dict(curves or {})
+    trained: dict[str, QATLinear] = {}
     t_blocks, s_blocks = get_module(teacher, family.blocks), get_module(student, family.blocks)
     for index in range(len(s_blocks)):
         t0 = time.time()
@@ -170,55 +232,105 @@ def blockwise(teacher, student, family, ids, quantized, cfg: DistillConfig, devi
         t_blocks[index].to("cpu")
         block = s_blocks[index].to(device)
         qats = wrap_block(block, family, prefix, quantized)
-        block_sal = None
-        if saliency is not None:
-            block_sal = {p: saliency[f"{prefix}{p}.weight"].to(device) for p in qats}
-        with torch.enable_grad():
-            curves[str(index)] = train_block(block, qats, x_s, targets, kwargs, cfg, block_sal, device, gen)
+        if index < start:
+            _restore_block(qats, prefix, cfg, restored or {})
+        else:
+            block_sal = None
+            if saliency is not None:
+                block_sal = {p: saliency[f"{prefix}{p}.weight"].to(device) for p in qats}
+            with torch.enable_grad():
+                curves[f"block {index}"] = train_block(block, qats, x_s, targets, kwargs, cfg, block_sal, ctx, index)
         for q in qats.values():
-            q.set_trainable(())
+            q.freeze()
+        trained.update({f"{prefix}{p}": q for p, q in qats.items()})
         x_s = run_block(block, x_s, kwargs, device)
         s_blocks[index] = block.to("cpu")
         x_t = targets
-        log.info(
-            "block %d: loss %.4g -> %.4g (%.1fs)",
-            index,
-            curves[str(index)][0],
-            curves[str(index)][-1],
-            time.time() - t0,
-        )
+        if index >= start:
+            c = curves[f"block {index}"]
+            log.info(
+                "block %d: loss %.4g -> %.4g (%.1fs)", index, c[0] if c else 0, c[-1] if c else 0, time.time() - t0
+            )
+            if on_block_done is not None:
+                on_block_done(index, curves, trained)
     return curves
 
 
-def end_to_end(teacher, student, ids: torch.Tensor, cfg: DistillConfig, device) -> list[float]:
+def _restore_block(qats: dict[str, QATLinear], prefix: str, cfg: DistillConfig, restored: dict) -> None:
+    from edgeq.compress.distill.checkpoint import restore_tensors
+
+    for q in qats.values():
+        q.set_trainable(cfg.train)  # the same learn_codes state as after training
+    restore_tensors({f"{prefix}{p}": q for p, q in qats.items()}, restored)
+
+
+def logit_loss(term: str, s_logits, t_logits, labels, ctx: DistContext) -> torch.Tensor:
+    """This rank's share of the end-to-end loss on its shard; DDP's average over ranks is the global loss."""
+    if term == "kl":
+        return L.forward_kl(s_logits, t_logits)
+    if term == "cakld":
+        beta = ctx.mean(L.teacher_confidence(t_logits, labels))  # the global batch's β
+        return L.cakld(s_logits, t_logits, labels, beta=beta)
+    log_norm = ctx.logsumexp(L.tsld_scores(t_logits, labels))  # normalize over the global batch's tokens
+    # the shards' terms *add up* to the global loss; DDP averages, so each rank weighs its sum by world
+    return ctx.world * L.tsld(s_logits, t_logits, labels, log_normalizer=log_norm)
+
+
+E2ECheckpoint = Callable[[int, list, dict, torch.optim.Optimizer], None]  # (next step, curve, qats, optimizer)
+
+
+def end_to_end(
+    teacher,
+    student,
+    ids: torch.Tensor,
+    cfg: DistillConfig,
+    ctx: DistContext,
+    start: int = 0,
+    curve: list[float] | None = None,
+    restore_optim: Callable[[torch.optim.Optimizer], None] | None = None,
+    on_checkpoint: E2ECheckpoint | None = None,
+) -> list[float]:
     """Logit distillation of the whole student (scales only) on the teacher's logits."""
-    term = next(iter(cfg.terms & LOGIT_TERMS))
-    qats = [m for m in student.modules() if isinstance(m, QATLinear)]
-    for q in qats:
+    from edgeq.compress.distill import fsdp as fsdp_mod
+
+    device, term = ctx.device, cfg.logit_term
+    qats = {path: m for path, m in student.named_modules() if isinstance(m, QATLinear)}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for q in qats.values():
         q.set_trainable(("scales",))
-    opt = torch.optim.Adam([q.scales for q in qats], lr=cfg.lr * 0.1)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     teacher.to(device)
     student.to(device)
-    curve = []
-    for _ in range(cfg.e2e_steps):
+    model = fsdp_mod.shard_student(student, ctx) if cfg.fsdp else ctx.ddp(student)
+    opt = torch.optim.Adam([q.scales for q in qats.values()], lr=cfg.lr * 0.1)
+    if restore_optim is not None:
+        restore_optim(opt)
+    curve = list(curve or [])
+    bar = _progress(cfg.e2e_steps, "end-to-end", ctx)
+    if bar is not None:
+        bar.update(start)
+    for step in range(start, cfg.e2e_steps):
+        gen = step_generator(cfg.seed, E2E_STREAM, step)
         idx = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
-        x = ids[idx].to(device)
+        x = ctx.shard(ids[idx]).to(device)
         with torch.no_grad():
             t_logits = teacher(x).logits.float()
-        s_logits = student(x).logits.float()
-        labels = x[:, 1:]
-        s_, t_ = s_logits[:, :-1], t_logits[:, :-1]
-        if term == "kl":
-            loss = L.forward_kl(s_, t_)
-        elif term == "cakld":
-            loss = L.cakld(s_, t_, labels)
-        else:
-            loss = L.tsld(s_, t_, labels)
+        s_logits = model(x).logits.float()
+        loss = logit_loss(term, s_logits[:, :-1], t_logits[:, :-1], x[:, 1:], ctx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        curve.append(loss.item())
-    for q in qats:
-        q.set_trainable(())
+        curve.append(float(ctx.mean(loss.detach())))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{curve[-1]:.4g}", refresh=False)
+        done = step + 1
+        if on_checkpoint is not None and done < cfg.e2e_steps and done % cfg.checkpoint_every == 0:
+            on_checkpoint(done, curve, qats, opt)
+    if bar is not None:
+        bar.close()
+    if cfg.fsdp:
+        fsdp_mod.unshard_student(student, ctx)
+    for q in qats.values():
+        q.freeze()
     return curve

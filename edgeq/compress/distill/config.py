@@ -1,0 +1,120 @@
+"""The distill stage's configuration: a frozen dataclass, torch-free so recipes validate without torch.
+
+``DistillConfig`` is what the CLI (``edgeq distill``), a recipe's ``distill:`` section and the Python
+API (``edgeq.compress.distill.run.distill``) all build. ``config_from_dict`` refuses unknown keys with
+the list of known ones, like the other stages' configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from edgeq.errors import ConfigError
+
+BLOCK_TERMS = {"mse", "sw"}
+LOGIT_TERMS = {"kl", "cakld", "tsld"}
+TRAIN_GROUPS = ("scales", "weights", "adapter")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    loss: str = "mse+sw"
+    sw_weight: float = 0.1
+    sw_directions: int = 16
+    train: tuple[str, ...] = ("scales",)  # + "weights" moves codes (STE); unstable at lr 1e-5 so far
+    steps: int = 400  # per block
+    e2e_steps: int = 100  # when the loss names a logit term
+    lr: float = 1e-4  # scales / adapter (Adam: an absolute step, scales are ~1e-2)
+    lr_weights: float = 1e-5  # latent weights (codes move through the STE)
+    batch_size: int = 4  # the *global* batch: split evenly across processes under torchrun
+    saliency: bool = False
+    saliency_lambda: float = 0.05
+    calib: str | None = None
+    n_samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+    device: str = "auto"
+    fsdp: bool = False  # shard the end-to-end student with FSDP (multi-process runs only)
+    checkpoint_every: int = 25  # end-to-end steps between checkpoints (blocks: after each block)
+    terms: frozenset = field(init=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        terms = frozenset(t.strip() for t in self.loss.split("+") if t.strip())
+        unknown = terms - BLOCK_TERMS - LOGIT_TERMS
+        if unknown or "mse" not in terms or len(terms & LOGIT_TERMS) > 1:
+            raise ConfigError(
+                f"--loss {self.loss!r} is not supported; expected mse[+sw][+kl|+cakld|+tsld], e.g. mse+sw+cakld"
+            )
+        object.__setattr__(self, "terms", terms)
+        object.__setattr__(self, "train", tuple(self.train))
+        bad = set(self.train) - set(TRAIN_GROUPS)
+        if bad or not self.train:
+            raise ConfigError(
+                f"--train {','.join(self.train)!r} is not supported; expected some of scales,weights,adapter"
+            )
+        for name in ("steps", "e2e_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is negative; expected 0 or more")
+        for name in ("batch_size", "n_samples", "seq_len", "checkpoint_every", "sw_directions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+
+    def _check_types(self) -> None:
+        """A recipe can hold any YAML value: refuse the wrong kind before it fails deep in training."""
+        for f in fields(self):
+            if not f.init or f.name == "train":
+                continue
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, (int, float)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                ok = ok and (isinstance(value, int) or isinstance(default, float))
+            else:  # str, or str | None
+                ok = isinstance(value, str) or (value is None and default is None)
+            if not ok:
+                want = (
+                    "true/false"
+                    if isinstance(default, bool)
+                    else type(default).__name__
+                    if default is not None
+                    else "str"
+                )
+                raise ConfigError(f"{f.name}={value!r} has the wrong type; expected {want}")
+        if not isinstance(self.train, (tuple, list)) or not all(isinstance(t, str) for t in self.train):
+            raise ConfigError(f"train={self.train!r} has the wrong type; expected names like scales,weights")
+
+    @property
+    def logit_term(self) -> str | None:
+        """The end-to-end logit loss (kl, cakld or tsld) when the loss names one."""
+        found = self.terms & LOGIT_TERMS
+        return next(iter(found)) if found else None
+
+    def to_dict(self) -> dict:
+        """JSON-ready values of the init fields (what run.json and resume fingerprints record)."""
+        out = {}
+        for f in fields(self):
+            if f.init:
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def config_from_dict(data: dict | None, where: str) -> DistillConfig:
+    """A ``DistillConfig`` from a recipe mapping; unknown keys are refused with the known ones."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(DistillConfig) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; expected some of {sorted(known)}")
+    values = dict(data)
+    if isinstance(values.get("train"), str):
+        values["train"] = tuple(t.strip() for t in values["train"].split(",") if t.strip())
+    try:
+        return DistillConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
