@@ -1,11 +1,12 @@
 """How much of the PTQ perplexity gap each distillation recipe recovers on the bundled model.
 
-    python benchmarks/distill_table.py [--bits 2 3] [--variants mse mse+sw ...] [--json OUT]
+    python benchmarks/distill_table.py [--bits 2 3] [--variants mse mse+sw ...] [--seeds 0 1] [--json OUT]
 
-Start: GPTQ (seed 0, 64 calibration sequences) at ``bits`` g32. Each variant retrains that run
-(``edgeq.compress.distill``: block-wise, scales trained, 400 steps per block) and is scored on the
-first 16,384 held-out tokens. Recovered = (ppl_ptq - ppl_after) / (ppl_ptq - ppl_fp). Prints a
-Markdown table last and writes JSON (default benchmarks/distill_table.json).
+Start, per seed s: GPTQ (calibration seed s, 64 sequences) at ``bits`` g32. Each variant retrains that
+run (``edgeq.compress.distill``: block-wise, scales trained, ``--steps`` per block, seed s; the KD
+variants add ``--e2e-steps`` end-to-end steps) and is scored on the first 16,384 held-out tokens.
+Recovered = (ppl_ptq - ppl_after) / (ppl_ptq - ppl_fp). Prints a Markdown table (mean and range over
+the seeds) last and writes JSON (default benchmarks/distill_table.json).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=400, help="Block-wise steps per block.")
+    parser.add_argument("--e2e-steps", type=int, default=100, help="End-to-end KD steps (kl/cakld/tsld variants).")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("distill_table.json"))
     args = parser.parse_args()
@@ -50,23 +54,34 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
-            ptq_dir = compress(MODEL_DIR, CompressConfig(method="gptq", bits=bits, group_size=32, n_samples=64),
-                               Path(tmp) / f"gptq{bits}")  # fmt: skip
-            ptq = perplexity(load_torch_model(ptq_dir), ids).perplexity
-            for name in args.variants:
-                t0 = time.time()
-                cfg = DistillConfig(n_samples=64, **VARIANTS[name])
-                out = distill(ptq_dir, cfg, Path(tmp) / f"d{bits}-{len(rows)}")
-                after = perplexity(load_torch_model(out), ids).perplexity
-                row = {"bits": bits, "variant": name, "fp": fp, "ptq": ptq, "after": after,
-                       "recovered": (ptq - after) / (ptq - fp), "seconds": time.time() - t0}  # fmt: skip
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    print("| start | variant | ppl PTQ | ppl after | recovered |")
+            for seed in args.seeds:
+                cfg = CompressConfig(method="gptq", bits=bits, group_size=32, n_samples=64, seed=seed)
+                ptq_dir = compress(MODEL_DIR, cfg, Path(tmp) / f"gptq{bits}-s{seed}")
+                ptq = perplexity(load_torch_model(ptq_dir), ids).perplexity
+                for name in args.variants:
+                    t0 = time.time()
+                    dcfg = DistillConfig(n_samples=64, seed=seed, steps=args.steps, e2e_steps=args.e2e_steps,
+                                         **VARIANTS[name])  # fmt: skip
+                    out = distill(ptq_dir, dcfg, Path(tmp) / f"d{bits}-{len(rows)}")
+                    after = perplexity(load_torch_model(out), ids).perplexity
+                    row = {"bits": bits, "seed": seed, "variant": name, "fp": fp, "ptq": ptq, "after": after,
+                           "recovered": (ptq - after) / (ptq - fp), "seconds": time.time() - t0}  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    payload = {"steps": args.steps, "e2e_steps": args.e2e_steps, "seeds": args.seeds, "rows": rows}
+    args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    print(
+        f"| start | variant | ppl PTQ (mean) | ppl after (mean) | recovered: mean (min..max) over seeds {args.seeds} |"
+    )
     print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| GPTQ w{r['bits']}g32 | {r['variant']} | {r['ptq']:.3f} | {r['after']:.3f} | {r['recovered']:.0%} |")
+    for bits in args.bits:
+        for name in args.variants:
+            sel = [r for r in rows if r["bits"] == bits and r["variant"] == name]
+            rec = [r["recovered"] for r in sel]
+            ptq_m = sum(r["ptq"] for r in sel) / len(sel)
+            after_m = sum(r["after"] for r in sel) / len(sel)
+            print(f"| GPTQ w{bits}g32 | {name} | {ptq_m:.3f} | {after_m:.3f} | "
+                  f"{sum(rec) / len(rec):.1%} ({min(rec):.1%}..{max(rec):.1%}) |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeq.config import BenchConfig, CompressConfig, ExportConfig
+
+if TYPE_CHECKING:
+    from edgeq.devices.caps import Caps
 
 
 def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.PathLike, resume: bool = False) -> Path:
@@ -46,6 +50,7 @@ def bench(
     results_dir: str | os.PathLike | None = None,
     resume: bool = True,
     timeout_s: float | None = None,
+    caps: Caps | None = None,
 ) -> dict | list[dict]:
     """Measure an artifact (or a list of them: then a list of results) on a device; the runtime's result.
 
@@ -53,7 +58,9 @@ def bench(
     the runtime runs in a separate process; on a remote device (``host``/``port``/``identity``/
     ``known_hosts`` for ssh, ``serial`` for adb) each result is kept in ``results_dir`` (default: a temp
     dir) and a rerun with the same one skips it (``resume=False``: measure again). ``eval_text`` (or
-    ``config.eval_text``) is the perplexity text; default: the held-out stdlib text.
+    ``config.eval_text``) is the perplexity text; default: the held-out stdlib text. ``caps``
+    (``edgeq.devices.caps.Caps``, e.g. from ``caps_for(profile, emulate=True)``): run here, emulating
+    the device under a memory cap on pinned cores; a run out of memory is a "does not fit" result.
     """
     import sys
     import tempfile
@@ -72,7 +79,7 @@ def bench(
             from edgeq.pipeline import write_eval_text
 
             text = write_eval_text(Path(tmp), config)
-        if profile.transport == "local":
+        if (profile.transport == "local" and profile.has_python) or caps is not None:
             from edgeq.devices.local import bench_local
             from edgeq.errors import ConfigError
             from edgeq.export.manifest import manifest_path_for
@@ -81,7 +88,12 @@ def bench(
             if given:
                 raise ConfigError(f"{given}: for remote devices only; profile {profile.name!r} is this machine")
             plan, python = Plan.from_bench_config(config, str(text)), profile.python or sys.executable
-            results = [bench_local(manifest_path_for(a), plan, python, timeout_s) for a in artifacts]
+            if profile.transport != "local":  # emulated here: the device's interpreter is not this one's
+                python = sys.executable
+            results = [bench_local(manifest_path_for(a), plan, python, timeout_s, caps) for a in artifacts]
+            if caps is not None:
+                for r in results:
+                    r["device"] = {**profile.to_dict(), "target": "local emulation", "transport": "local"}
         else:
             from edgeq.devices.remote import bench_on_device
 

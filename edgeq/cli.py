@@ -113,26 +113,42 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
 @click.option("--e2e-steps", type=int, default=100, show_default=True, help="End-to-end KD steps (logit losses).")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of scales and adapters.")
 @click.option("--sw-weight", type=float, default=0.1, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Global batch (split over processes).")
 @click.option("--calib", default=None, help="Calibration text (.txt, .jsonl, folder). Default: stdlib.")
 @click.option("--n-samples", type=int, default=128, show_default=True)
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT.state/ (last finished block / e2e checkpoint).")
+@click.option("--checkpoint-every", type=int, default=25, show_default=True, help="End-to-end steps per checkpoint.")
+@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
+              help="Processes: >1 relaunches this command under torchrun (data parallel, gloo on CPU).")  # fmt: skip
+@click.option("--fsdp", is_flag=True, help="Shard the end-to-end student with FSDP (needs --nproc > 1 / torchrun).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run dir to write.")
-def distill(run_dir, teacher, loss, saliency, train, steps, e2e_steps, lr, sw_weight, calib, n_samples, seq_len,
-            seed, device, out) -> None:  # fmt: skip
-    """Recover a quantized RUN_DIR's accuracy by block-wise reconstruction (+ end-to-end KD)."""
-    from edgeq.compress.distill.run import distill as do_distill
-    from edgeq.compress.distill.trainer import DistillConfig
+def distill(run_dir, teacher, loss, saliency, train, steps, e2e_steps, lr, sw_weight, batch_size, calib, n_samples,
+            seq_len, seed, device, resume, checkpoint_every, nproc, fsdp, out) -> None:  # fmt: skip
+    """Recover a quantized RUN_DIR's accuracy by block-wise reconstruction (+ end-to-end KD).
+
+    Data parallel: `--nproc N`, or launch it yourself with `torchrun --nproc-per-node N -m edgeq distill ...`.
+    """
+    from edgeq.compress.distill.config import DistillConfig
 
     cfg = DistillConfig(
         loss=loss, sw_weight=sw_weight, train=tuple(t.strip() for t in train.split(",") if t.strip()), steps=steps,
-        e2e_steps=e2e_steps, lr=lr, saliency=saliency, calib=calib, n_samples=n_samples, seq_len=seq_len, seed=seed,
-        device=device,
+        e2e_steps=e2e_steps, lr=lr, batch_size=batch_size, saliency=saliency, calib=calib, n_samples=n_samples,
+        seq_len=seq_len, seed=seed, device=device, fsdp=fsdp, checkpoint_every=checkpoint_every,
     )  # fmt: skip
     _refuse_foreign_dir(out, "run.json")
-    path = do_distill(run_dir, cfg, out, teacher)
-    click.echo(f"wrote run dir {path} (distilled with {loss}; loss curves in {path / 'loss_curves.png'})")
+    if nproc > 1:
+        from edgeq.compress.distill.launch import relaunch
+
+        sys.exit(relaunch(nproc, run_dir, cfg, out, teacher, resume))
+    from edgeq.compress.distill.launch import launched_rank
+    from edgeq.compress.distill.run import distill as do_distill
+
+    path = do_distill(run_dir, cfg, out, teacher, resume=resume)
+    if launched_rank() == 0:
+        click.echo(f"wrote run dir {path} (distilled with {loss}; loss curves in {path / 'loss_curves.png'})")
 
 
 def _refuse_foreign_dir(out: Path, marker: str) -> None:
@@ -227,12 +243,38 @@ def export(
     help="Remote: per-artifact results kept for resuming (default: beside --json, NAME.results).",
 )
 @click.option("--fresh", is_flag=True, help="Remote: measure again what --results-dir already holds.")
+@click.option(
+    "--emulate",
+    is_flag=True,
+    help="Run here under the --device profile's RAM (memory cap) and cores (pinned, threads = cores).",
+)
+@click.option("--mem-cap", metavar="SIZE", help="Cap the local run's memory, e.g. 512M, 4G (binary units).")
+@click.option("--cores", metavar="N", help="Pin the local run to N cores (threads = N).")
 def bench(artifacts, eval_text, json_out, repeat, threads, prompt_tokens, decode_tokens, eval_tokens, device, host,
-          port, identity, known_hosts, serial, results_dir, fresh) -> None:  # fmt: skip
-    """Measure ARTIFACTS (manifests, ONNX dirs or .gguf files) on this machine or a device (--device)."""
+          port, identity, known_hosts, serial, results_dir, fresh, emulate, mem_cap, cores) -> None:  # fmt: skip
+    """Measure ARTIFACTS (manifests, ONNX dirs or .gguf files) on this machine or a device (--device).
+
+    With --emulate (or --mem-cap / --cores) the run stays here, capped; an artifact that runs out of
+    memory is a row marked "does not fit" with the numbers, and the command still exits 0.
+    """
     from edgeq.api import bench as do_bench
     from edgeq.config import BenchConfig
     from edgeq.report.write import format_table
+
+    caps = None
+    if emulate or mem_cap is not None or cores is not None:
+        from edgeq.devices.caps import caps_for
+        from edgeq.devices.profile import load_profile
+        from edgeq.errors import ConfigError
+
+        remote_given = [n for n, v in (("--host", host), ("--port", port), ("--identity", identity),
+                        ("--known-hosts", known_hosts), ("--serial", serial), ("--results-dir", results_dir),
+                        ("--fresh", fresh)) if v]  # fmt: skip
+        if remote_given:
+            raise ConfigError(
+                f"{', '.join(remote_given)}: for remote runs; --emulate/--mem-cap/--cores run here: drop them"
+            )
+        caps = caps_for(load_profile(device), emulate=emulate, mem_cap=mem_cap, cores=cores)
 
     cfg = BenchConfig(
         prompt_tokens=prompt_tokens,
@@ -243,16 +285,19 @@ def bench(artifacts, eval_text, json_out, repeat, threads, prompt_tokens, decode
         eval_text=str(eval_text) if eval_text else None,
     )
     remote = {"host": host, "port": port, "identity": identity, "known_hosts": known_hosts, "serial": serial}
-    if device != "local":
+    if device != "local" and caps is None:
         remote["results_dir"] = results_dir or json_out.with_name(json_out.stem + ".results")
         remote["resume"] = not fresh
-    results = do_bench(list(artifacts), cfg, device=device, **remote)
+    results = do_bench(list(artifacts), cfg, device=device, caps=caps, **remote)
     for art, res in zip(artifacts, results, strict=True):
         res.setdefault("label", str(art))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     payload = results[0] if len(results) == 1 else results
     json_out.write_text(json.dumps(payload, indent=1) + "\n")
     click.echo(format_table(results))
+    for res in results:
+        if res.get("status", "ok") != "ok":
+            click.echo(f"{res['label']}: {res.get('message') or res['status']}")
 
 
 @cli.command("run")

@@ -3,7 +3,9 @@
 ``LocalTransport`` gives a bench a private temporary work dir; ``run`` starts a subprocess from an argv
 list (never a shell). ``bench_local`` runs ``python -m edgeq.runtime`` in a separate process, so the
 measured process holds only the runtime (no host-side libraries, no torch) and its peak RSS is the
-artifact's, not the host's. The artifact is not copied: a local device reads it where it lies.
+artifact's, not the host's. The artifact is not copied: a local device reads it where it lies. With
+``caps`` (``edgeq.devices.caps``) that process runs under a memory cap on pinned cores, and running out
+of memory there is a result with status "does not fit", not an error.
 
 torch-free: importing this module must not pull torch or transformers in.
 """
@@ -20,11 +22,15 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import edgeq
 from edgeq.devices.transport import RunResult, check_argv, check_remote, last_line
 from edgeq.errors import DeviceError
 from edgeq.runtime.plan import Plan
+
+if TYPE_CHECKING:
+    from edgeq.devices.caps import Caps
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +141,50 @@ def _failure(rc: int, stderr: str) -> DeviceError:
 
 
 def bench_local(
-    manifest_path: str | os.PathLike, plan: Plan, python: str = sys.executable, timeout_s: float | None = None
+    manifest_path: str | os.PathLike,
+    plan: Plan,
+    python: str = sys.executable,
+    timeout_s: float | None = None,
+    caps: Caps | None = None,
 ) -> dict:
     """Run ``python -m edgeq.runtime`` on ``manifest_path`` in a separate process; the parsed result.
 
     A failing runtime raises ``DeviceError`` carrying the runtime's last stderr line (its one-line error).
+    ``caps``: run it under a memory cap / on pinned cores; the result then has ``caps`` (what applied),
+    and a run that ran out of memory returns a ``status: "does not fit"`` result instead of raising.
     """
     manifest = Path(manifest_path).resolve()
     pythonpath = os.pathsep.join(p for p in (str(EDGEQ_SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    launch = None
+    if caps is not None:
+        from edgeq.devices.caps import CappedLaunch
+
+        launch = CappedLaunch(caps)
+        plan = launch.plan(plan)
     with LocalTransport(env={"PYTHONPATH": pythonpath}) as transport, tempfile.TemporaryDirectory() as tmp:
         transport.push(_absolute_plan(plan).save(Path(tmp) / "plan.json"), "plan.json")
         argv = [python, "-m", "edgeq.runtime", str(manifest), "--plan", "plan.json", "--out", "result.json"]
-        rc, _stdout, stderr = transport.run(argv, timeout=timeout_s)
+        if launch is None:
+            rc, _stdout, stderr = transport.run(argv, timeout=timeout_s)
+        else:
+            env = {**os.environ, "PYTHONPATH": pythonpath}
+            capped = launch.run(argv, cwd=transport.workdir, env=env, timeout_s=timeout_s)
+            rc, stderr = capped.rc, capped.stderr
+            if capped.out_of_memory is not None:
+                from edgeq.devices.caps import does_not_fit_result
+
+                return does_not_fit_result(manifest, plan, launch.record, capped.out_of_memory)
         if stderr.strip():
             log.debug("edgeq.runtime stderr:\n%s", stderr.rstrip())
         if rc != 0:
-            raise _failure(rc, stderr)
+            exc = _failure(rc, stderr)
+            raise exc if launch is None else DeviceError(f"{exc} [{launch.describe()}]")
         result_file = Path(transport.pull("result.json", Path(tmp) / "result.json"))
         try:
-            return json.loads(result_file.read_text())
+            result = json.loads(result_file.read_text())
         except ValueError as exc:
             raise DeviceError(f"edgeq.runtime wrote an unreadable result ({exc}); this is a bug: report it") from None
+        if launch is not None:
+            result["status"] = "ok"
+            result["caps"] = launch.record
+        return result

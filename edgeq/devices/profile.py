@@ -14,6 +14,8 @@ a default::
     memory_bandwidth_gb_per_s = 17.1     # theoretical peak, 1e9 bytes/s
     has_python = true                    # false: the device cannot run ``python -m edgeq.runtime``
     python = "python3"                   # the device's interpreter (with edgeq's base package)
+    llama_bin_dir = "/data/local/tmp/llama.cpp/bin"   # has_python = false: where llama-bench and
+                                         # llama-perplexity lie on the device (edgeq.runtime.backends.native)
     workdir = "/tmp"                     # where the remote temp dir (mktemp -d) is created
     host = "pi@192.168.1.20"             # ssh: default --host; port, identity, known_hosts likewise
     serial = "R58M123ABC"                # adb: default --serial
@@ -63,6 +65,7 @@ class DeviceProfile:
     known_hosts: str | None = None  # ssh: known_hosts file; None = the user's
     connect_timeout_s: float = 10.0  # ssh: ConnectTimeout
     serial: str | None = None  # adb: device serial; None = the only connected device
+    llama_bin_dir: str | None = None  # device dir of llama.cpp's llama-bench / llama-perplexity (no Python)
     path: str | None = None  # the file it was read from (not a TOML key)
 
     def __post_init__(self) -> None:
@@ -83,13 +86,15 @@ class DeviceProfile:
             )
         for key in ("python", "host", "identity", "known_hosts", "serial", "path"):
             _check_str(self, key, getattr(self, key), optional=True)
-        if self.workdir is not None:
-            _check_str(self, "workdir", self.workdir)
-            if not PurePosixPath(self.workdir).is_absolute():
-                raise ConfigError(
-                    f"profile {self.name!r}: workdir={self.workdir!r} is invalid; expected an absolute device path "
-                    "such as '/tmp'"
-                )
+        for key, example in (("workdir", "/tmp"), ("llama_bin_dir", "/data/local/tmp/llama.cpp/bin")):
+            value = getattr(self, key)
+            if value is not None:
+                _check_str(self, key, value)
+                if not PurePosixPath(value).is_absolute():
+                    raise ConfigError(
+                        f"profile {self.name!r}: {key}={value!r} is invalid; expected an absolute device path "
+                        f"such as {example!r}"
+                    )
 
     @property
     def remote_python(self) -> str:

@@ -11,6 +11,10 @@ connects to nothing when all are kept. When the connection drops mid-way, the re
 stay in ``results_dir`` and a one-line ``DeviceError`` says so. A temp dir that could not be removed
 because the link was gone is recorded there too, and removed by the next bench to the same target.
 
+A profile with ``has_python = false`` and a ``llama_bin_dir`` is measured with llama.cpp's own tools
+instead (``edgeq.runtime.backends.native``): the same push, resume and cleanup, with ``llama-bench`` /
+``llama-perplexity`` run in place of the runtime and their output turned into a result of the same schema.
+
 Each result is the runtime's result plus ``device`` (the profile's figures and the target) and
 ``resume_key``; ``artifact.path`` is the host's manifest path (``artifact.device_path``: the device's).
 
@@ -34,6 +38,7 @@ from edgeq.devices.profile import DeviceProfile
 from edgeq.devices.transport import Transport, check_remote, last_line
 from edgeq.errors import ConfigError, DeviceError
 from edgeq.export.manifest import load_manifest, manifest_path_for
+from edgeq.runtime.backends.native import NativeTools, measure_native
 from edgeq.runtime.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -81,7 +86,9 @@ def open_transport(
         from edgeq.devices.adb import AdbTransport
 
         return AdbTransport(serial or profile.serial, base_dir=profile.workdir or "/data/local/tmp")
-    raise ConfigError(f"profile {profile.name!r} is local; it needs no transport (use bench_local)")
+    from edgeq.devices.local import LocalTransport  # this machine without Python: the native tools
+
+    return LocalTransport()
 
 
 # -- the resume key and the results dir ----------------------------------------------------------------
@@ -222,6 +229,28 @@ def _measure_one(
     return result
 
 
+def _measure_one_native(
+    transport: Transport,
+    manifest: Path,
+    remote_dir: str,
+    plan: Plan,
+    native: NativeTools,
+    eval_identity: dict | None,
+    device: Mapping[str, Any] | None,
+    timeout_s: float | None,
+) -> dict:
+    """Push one artifact and measure it with llama.cpp's tools on the device; the result, host paths."""
+    remote_manifest = _push_artifact(transport, manifest, remote_dir)
+    result = measure_native(
+        transport, load_manifest(manifest, verify=False), remote_manifest, plan, native,
+        eval_text=DEVICE_EVAL_TEXT if eval_identity else None, eval_identity=eval_identity,
+        bandwidth_gb_per_s=(device or {}).get("memory_bandwidth_gb_per_s"), timeout_s=timeout_s,
+    )  # fmt: skip
+    result["artifact"]["device_path"] = remote_manifest
+    result["artifact"]["path"] = str(manifest)
+    return result
+
+
 # -- the driver ----------------------------------------------------------------------------------------
 
 
@@ -236,6 +265,11 @@ def _with_kept(exc: DeviceError, results: Sequence[dict | None], results_dir: Pa
     )
 
 
+def _eval_identity(path: Path, sha256: str | None) -> dict:
+    chars = len(path.read_bytes().decode("utf-8", errors="replace"))
+    return {"eval_text": DEVICE_EVAL_TEXT, "eval_text_sha256": sha256, "eval_text_chars": chars}
+
+
 def bench_remote(
     transport: Transport,
     artifacts: Sequence[str | os.PathLike],
@@ -248,12 +282,15 @@ def bench_remote(
     timeout_s: float | None = None,
     resume: bool = True,
     on_result: Callable[[int, dict], None] | None = None,
+    native: NativeTools | None = None,
 ) -> list[dict]:
     """Measure ``artifacts`` on the transport's device under ``plan``; their results, in order.
 
     ``eval_text``: a host file pushed as the perplexity text (``plan.eval_text`` is ignored).
     ``device``: extra identity recorded in each result (the profile). ``resume=False`` measures again
     what ``results_dir`` already holds. ``on_result(i, result)`` runs after each measured artifact.
+    ``native``: measure with llama.cpp's tools there instead of ``python -m edgeq.runtime`` (``python``
+    is then unused).
     The transport is cleaned up before returning (or raising).
     """
     results_dir = Path(results_dir)
@@ -262,7 +299,8 @@ def bench_remote(
     target = str(getattr(transport, "target", transport.name))
     device_plan = dataclasses.replace(plan, eval_text=DEVICE_EVAL_TEXT if eval_text is not None else None)
     eval_sha = _sha256(Path(eval_text)) if eval_text is not None else None
-    keys = [resume_key(_sha256(m), device_plan, eval_sha, target, python) for m in manifests]
+    runner = python if native is None else f"llama.cpp-native:{native.bin_dir}"
+    keys = [resume_key(_sha256(m), device_plan, eval_sha, target, runner) for m in manifests]
     paths = [results_dir / result_name(m, k) for m, k in zip(manifests, keys, strict=True)]
     results = [_load_kept(m, p, k, target) if resume else None for m, p, k in zip(manifests, paths, keys, strict=True)]
     todo = [i for i, r in enumerate(results) if r is None]
@@ -277,7 +315,13 @@ def bench_remote(
             transport.push(eval_text, DEVICE_EVAL_TEXT)
         for n, i in enumerate(todo):
             log.info("measuring %s on %s (%d/%d)", manifests[i].name, target, n + 1, len(todo))
-            result = _measure_one(transport, target, manifests[i], f"a{i}", python, timeout_s)
+            if native is None:
+                result = _measure_one(transport, target, manifests[i], f"a{i}", python, timeout_s)
+            else:
+                identity = _eval_identity(Path(eval_text), eval_sha) if eval_text is not None else None
+                result = _measure_one_native(
+                    transport, manifests[i], f"a{i}", device_plan, native, identity, device, timeout_s
+                )
             result["device"] = {**(device or {}), "target": target, "transport": transport.name}
             result["resume_key"] = keys[i]
             _write_atomic(paths[i], result)  # kept before anything else can fail
@@ -304,13 +348,18 @@ def bench_on_device(
     resume: bool = True,
     **connection: Any,
 ) -> list[dict]:
-    """``bench_remote`` on the device ``profile`` names; ``connection``: host, port, identity, known_hosts, serial."""
-    if not profile.has_python:
+    """``bench_remote`` on the device ``profile`` names; ``connection``: host, port, identity, known_hosts, serial.
+
+    A profile without Python is measured with llama.cpp's tools in its ``llama_bin_dir``.
+    """
+    if not profile.has_python and profile.llama_bin_dir is None:
         raise DeviceError(
             f"profile {profile.name!r} has no Python (has_python = false), so edgeq.runtime cannot run there; "
-            "such devices need the native llama-bench adapter, or install Python and edgeq's base package on "
-            "the device and set has_python = true and python in a copy of the profile"
+            "push llama.cpp's llama-bench and llama-perplexity to the device and set llama_bin_dir to their "
+            "directory in a copy of the profile, or install Python and edgeq's base package there and set "
+            "has_python = true"
         )
+    native = None if profile.has_python else NativeTools(profile.llama_bin_dir)
     transport = open_transport(profile, **connection)
     return bench_remote(
         transport,
@@ -322,4 +371,5 @@ def bench_on_device(
         device=profile.to_dict(),
         timeout_s=timeout_s,
         resume=resume,
+        native=native,
     )

@@ -10,8 +10,13 @@ The order matters and is part of the contract:
 6. write the result JSON atomically (temp file + rename), so a result file is always complete.
 
 A user error (``EdgeqError``: bad plan, tampered artifact, context too small, ...) prints one line,
-``error: ...``, on stderr and exits with code 2 without writing a result. This module never imports
-torch or transformers; the device side is torch-free.
+``error: ...``, on stderr and exits with code 2 without writing a result. Running out of memory (a
+``MemoryError``, or a backend error that is an allocation failure: ``std::bad_alloc``, "failed to
+allocate", a library that cannot be mapped) is not a user error but a measurement: the runtime prints
+``OOM_MARKER {"stage", "detail", "vm_hwm_bytes", "vm_peak_bytes"}`` and then ``error: out of memory ...``
+on stderr and exits with ``OOM_EXIT_CODE`` (3), so a capped host run (``edgeq.devices.caps``) can
+report "does not fit" with the numbers. This module never imports torch or transformers; the device
+side is torch-free.
 
 Result keys (``*_ms`` milliseconds, ``*_mb`` MiB, ``*_gb_per_s`` 1e9 bytes/s)::
 
@@ -47,6 +52,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -81,6 +87,20 @@ from edgeq.runtime.plan import Plan
 log = logging.getLogger("edgeq.runtime")
 
 RESULT_SCHEMA = "edgeq.result/1"
+#: Exit code and stderr marker of an out-of-memory failure (read by edgeq.devices.caps).
+OOM_EXIT_CODE = 3
+OOM_MARKER = "edgeq-out-of-memory:"
+#: Allocation failures as onnxruntime, llama.cpp, C++ and the dynamic loader word them.
+ALLOC_FAILURE = re.compile(
+    r"bad_alloc|bad allocation|failed to allocate|unable to allocate|cannot allocate memory|out of memory"
+    r"|insufficient memory|failed to map segment|failed to mmap|mmap failed|can't start new thread",
+    re.IGNORECASE,
+)
+#: The phase the bench is in, recorded in an out-of-memory report.
+_stage = "start"
+#: llama.cpp's last error-level log lines (see ``capture_llama_errors``) and the callback that keeps them.
+_llama_errors: list[str] = []
+_llama_log_callback: Any = None
 #: Modules a format's backend needs, imported before the load is timed (backends import their library lazily).
 _BACKEND_MODULES = {
     "gguf": ("edgeq.runtime.backends.llamacpp", "llama_cpp"),
@@ -164,6 +184,32 @@ def import_backend(fmt: str) -> float:
                 "for gguf, onnxruntime for onnx)"
             ) from None
     return (time.perf_counter() - t0) * 1000.0
+
+
+def capture_llama_errors() -> None:
+    """Keep llama.cpp's error-level log lines in ``_llama_errors`` (and print them, as llama-cpp-python does).
+
+    llama-cpp-python silences llama.cpp while it loads a model (``verbose=False`` redirects stderr) and
+    then raises a bare "Failed to load model from file"; the log line it hid names the cause, e.g.
+    "encountered bad_alloc error while reading value for key ..." under a memory cap.
+    """
+    global _llama_log_callback
+    import ctypes
+
+    import llama_cpp
+
+    def callback(level: int, text: bytes, _user: Any) -> None:
+        # ggml.h: WARN = 3, ERROR = 4 (llama-cpp-python 0.3.36's own callback still reads 3 as ERROR)
+        if level in (3, 4):
+            line = text.decode("utf-8", "replace").strip()
+            if line and level == 4:
+                _llama_errors.append(line)
+                del _llama_errors[:-20]
+            if line:
+                print(line, file=sys.stderr)
+
+    _llama_log_callback = llama_cpp.llama_log_callback(callback)  # kept alive: llama.cpp holds the pointer
+    llama_cpp.llama_log_set(_llama_log_callback, ctypes.c_void_p(0))
 
 
 def measure(backend: Backend, plan: Plan, text: str, energy: RaplMeter | None) -> tuple[dict, list[GenerationTiming]]:
@@ -305,15 +351,22 @@ def _measure_loaded(
     man: Manifest, plan: Plan, eval_text: tuple[str, dict] | None, energy: RaplMeter | None
 ) -> tuple[dict, list[GenerationTiming], tuple[int, int]]:
     """Phases 4-5: import, load, generations, perplexity, environment; also (runs, (baseline, after-load RSS))."""
+    global _stage
+    _stage = "import"
     out: dict[str, Any] = {"import_time_ms": import_backend(man.format)}
+    if man.format == "gguf":
+        capture_llama_errors()
     baseline = current_rss_bytes()
+    _stage = "load"
     t0 = time.perf_counter()
     backend = open_backend(man, _options(plan))
     out["load_time_ms"] = (time.perf_counter() - t0) * 1000.0
     try:
         after_load = current_rss_bytes()
         text = eval_text[0] if eval_text else BUILTIN_PROMPT
+        _stage = "generate"
         out["generation"], runs = measure(backend, plan, text, energy)
+        _stage = "perplexity"
         out["perplexity"] = measure_perplexity(backend, plan, eval_text) if eval_text else None
         out["environment"] = environment(backend, plan)
     finally:
@@ -323,6 +376,8 @@ def _measure_loaded(
 
 def run_bench(manifest_path: str | os.PathLike, plan: Plan) -> dict:
     """Measure the artifact of ``manifest_path`` under ``plan``; the result dict (see module docstring)."""
+    global _stage
+    _stage = "start"
     wall0 = time.perf_counter()
     man = load_manifest(manifest_path, verify=True)  # hash check before anything else reads the artifact
     eval_text = read_eval_text(plan.eval_text)
@@ -391,6 +446,40 @@ def _out_path(out: str) -> Path:
     return path
 
 
+def _vm_status() -> dict[str, int]:
+    """VmHWM / VmPeak of this process in bytes, from /proc (empty where there is none)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmPeak"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """What ran out, when ``exc`` is an allocation failure; None for any other error."""
+    if isinstance(exc, MemoryError):
+        return f"{type(exc).__name__}: {exc}".rstrip(": ")
+    text = str(exc)
+    if ALLOC_FAILURE.search(text):
+        return text
+    cause = next((line for line in reversed(_llama_errors) if ALLOC_FAILURE.search(line)), None)
+    return f"llama.cpp: {cause}" if cause else None
+
+
+def report_out_of_memory(detail: str) -> int:
+    """Print the structured out-of-memory line and the one-line error; the exit code to use."""
+    vm = _vm_status()
+    report = {"stage": _stage, "detail": detail, "vm_hwm_bytes": vm.get("VmHWM"), "vm_peak_bytes": vm.get("VmPeak")}
+    print(f"{OOM_MARKER} {json.dumps(report)}", file=sys.stderr)
+    print(f"error: out of memory while in {_stage}: {detail}", file=sys.stderr)
+    return OOM_EXIT_CODE
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgeq.runtime", description=__doc__.splitlines()[0])
     parser.add_argument("manifest", help="manifest.json, an ONNX artifact dir or a .gguf with its manifest")
@@ -408,7 +497,17 @@ def main(argv: list[str] | None = None) -> int:
         out = _out_path(args.out)
         result = run_bench(args.manifest, plan)
         write_json_atomic(out, result)
+    except MemoryError as exc:
+        return report_out_of_memory(out_of_memory(exc) or "MemoryError")
+    except RuntimeError as exc:  # e.g. "can't start new thread": no address space left for its stack
+        detail = out_of_memory(exc)
+        if detail is None:
+            raise
+        return report_out_of_memory(detail)
     except EdgeqError as exc:
+        detail = out_of_memory(exc)
+        if detail is not None:
+            return report_out_of_memory(detail)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(str(out))

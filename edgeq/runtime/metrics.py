@@ -6,6 +6,9 @@
   buffers do not count against the model. Both are whole-process numbers (interpreter and runtime
   libraries included); the harness also records the baseline before load so the model's share can be
   read off. ``*_mb`` values are mebibytes (2**20 bytes), the unit of ``/usr/bin/time -v`` / 1024.
+  The sampler sleeps through timed generations (``paused_sampling``): at a 5 ms period its wake-ups and
+  GIL requests cost 4-7% of decode speed on a loaded 2-core host (benchmarks/llamabench_compare.py),
+  while the kernel's high-water mark covers those regions anyway; it samples again as soon as they end.
 * **Generation.** ``measure_generation`` times one greedy generation over the ``Backend`` protocol:
   prefill of the prompt (prompt tokens/s), time to first token (prefill + argmax), then
   ``decode_tokens`` single-token steps (per-token latency, decode tokens/s), like llama-bench's
@@ -31,7 +34,9 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,6 +95,21 @@ def reset_peak_rss() -> bool:
     return True
 
 
+#: Set while RSS samplers may poll; cleared inside timed regions (``paused_sampling``).
+_SAMPLING = threading.Event()
+_SAMPLING.set()
+
+
+@contextmanager
+def paused_sampling() -> Iterator[None]:
+    """Every ``RssSampler`` sleeps (no wake-ups, no GIL requests) inside this block, then samples at once."""
+    _SAMPLING.clear()
+    try:
+        yield
+    finally:
+        _SAMPLING.set()
+
+
 class RssSampler:
     """Polls this process's RSS every ``interval_ms`` on a daemon thread; ``peak_bytes`` is the max seen.
 
@@ -115,6 +135,9 @@ class RssSampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_ms / 1000.0):
+            while not _SAMPLING.wait(1.0):  # a timed region runs (paused_sampling): sleep until it ends
+                if self._stop.is_set():
+                    return
             self.sample()
 
     def start(self) -> RssSampler:
@@ -216,25 +239,26 @@ def measure_generation(
     latencies: list[float] = []
     gc_was_enabled = gc.isenabled()
     gc.disable()
-    try:
-        e0 = energy.read_uj() if energy else None
-        t0 = time.perf_counter_ns()
-        logits = backend.forward(prompt)  # (P, V)
-        t1 = time.perf_counter_ns()
-        token = int(np.argmax(logits[-1]))
-        t2 = time.perf_counter_ns()
-        e1 = energy.read_uj() if energy else None
-        generated = [token]
-        for _ in range(decode_tokens):
-            ts = time.perf_counter_ns()
-            logits = backend.forward([token])  # (1, V)
+    with paused_sampling():  # no RSS polling inside the timed region (see the module docstring)
+        try:
+            e0 = energy.read_uj() if energy else None
+            t0 = time.perf_counter_ns()
+            logits = backend.forward(prompt)  # (P, V)
+            t1 = time.perf_counter_ns()
             token = int(np.argmax(logits[-1]))
-            latencies.append(_ms(ts, time.perf_counter_ns()))
-            generated.append(token)
-        e2 = energy.read_uj() if energy else None
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+            t2 = time.perf_counter_ns()
+            e1 = energy.read_uj() if energy else None
+            generated = [token]
+            for _ in range(decode_tokens):
+                ts = time.perf_counter_ns()
+                logits = backend.forward([token])  # (1, V)
+                token = int(np.argmax(logits[-1]))
+                latencies.append(_ms(ts, time.perf_counter_ns()))
+                generated.append(token)
+            e2 = energy.read_uj() if energy else None
+        finally:
+            if gc_was_enabled:
+                gc.enable()
     timing = GenerationTiming(len(prompt), _ms(t0, t1), _ms(t0, t2), latencies, generated)
     if energy is not None:
         timing.prefill_joules = energy.joules(e0, e1)

@@ -6,9 +6,11 @@ Device side: imports numpy and llama_cpp only (never torch or transformers).
 ``logits_all=True``, and then copies every row into a ``(n_ctx, n_vocab)`` ``scores`` array first
 (llama-cpp-python 0.3.36, ``Llama.eval``). This backend therefore drives the context through the C
 API that ``Llama.eval`` wraps: one ``llama_batch`` allocated at load, its token/position arrays
-written through numpy views, ``llama_decode``, and one copy of ``llama_get_logits`` (the rows of the
-tokens flagged for output, in batch order: ``llama.h``) into the result. ``Llama.reset`` only rewinds
-a counter (the KV cache is trimmed lazily by the next ``eval``), so ``reset`` here clears the
+written through numpy views (a decode step sets its one slot directly), ``llama_decode``, and one
+``memmove`` of ``llama_get_logits`` (the rows of the tokens flagged for output, in batch order:
+``llama.h``) into the result; wrapping the pointer with ``np.ctypeslib.as_array`` instead costs ~6 us a
+call, ~1% of a decode step of the bundled model (benchmarks/llamabench_compare.py). ``Llama.reset`` only
+rewinds a counter (the KV cache is trimmed lazily by the next ``eval``), so ``reset`` here clears the
 context's memory with ``llama_memory_clear``: a fresh sequence, whatever is called next.
 
 ``BackendOptions.provider_options`` may carry llama.cpp context settings: ``n_batch``, ``n_ubatch``,
@@ -20,6 +22,7 @@ would use half the logical CPUs for decode); ``info()`` records the threads actu
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -66,6 +69,7 @@ class LlamaCppBackend:
         self._n_past = 0
         self._n_batch = 0
         self._n_vocab = 0
+        self._n_ctx = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _context_kwargs(self) -> dict:
@@ -104,6 +108,7 @@ class LlamaCppBackend:
         self._llm, self._lib = llm, lib
         self._n_batch = llm.n_batch
         self._n_vocab = llm.n_vocab()
+        self._n_ctx = int(llm.n_ctx())
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
         b = self._batch
         for i in range(self._n_batch):  # one sequence, every position outputs logits: set once
@@ -148,23 +153,32 @@ class LlamaCppBackend:
                 "reset() first or run with a larger n_ctx"
             )
         out = np.empty((n, self._n_vocab), dtype=np.float32)
+        out_addr, row_bytes = out.ctypes.data, self._n_vocab * 4
+        if n == 1:  # a decode step: fill the batch's one slot directly (each numpy temporary costs ~1 us)
+            self._tokens[0] = ids[0]
+            self._pos[0] = self._n_past
+            self._decode(llm, 1, out_addr, row_bytes)
+            return out
         ids_arr = np.asarray(ids, dtype=np.int32)
         for start in range(0, n, self._n_batch):
             chunk = ids_arr[start : start + self._n_batch]
             m = len(chunk)
             self._tokens[:m] = chunk
             self._pos[:m] = np.arange(self._n_past, self._n_past + m, dtype=np.int32)
-            self._batch.n_tokens = m
-            code = self._lib.llama_decode(llm.ctx, self._batch)
-            if code != 0:
-                raise BackendError(
-                    f"llama_decode returned {code} at position {self._n_past} (0 expected); "
-                    "the context may be full: reset() or raise n_ctx"
-                )
-            logits = self._lib.llama_get_logits(llm.ctx)
-            out[start : start + m] = np.ctypeslib.as_array(logits, shape=(m, self._n_vocab))
-            self._n_past += m
+            self._decode(llm, m, out_addr + start * row_bytes, row_bytes)
         return out
+
+    def _decode(self, llm: Any, m: int, dst: int, row_bytes: int) -> None:
+        """Decode the batch's first ``m`` slots and copy their logits rows to address ``dst``."""
+        self._batch.n_tokens = m
+        code = self._lib.llama_decode(llm.ctx, self._batch)
+        if code != 0:
+            raise BackendError(
+                f"llama_decode returned {code} at position {self._n_past} (0 expected); "
+                "the context may be full: reset() or raise n_ctx"
+            )
+        ctypes.memmove(dst, self._lib.llama_get_logits(llm.ctx), m * row_bytes)
+        self._n_past += m
 
     @property
     def n_past(self) -> int:
@@ -172,7 +186,8 @@ class LlamaCppBackend:
 
     @property
     def n_ctx(self) -> int:
-        return int(self._require().n_ctx())
+        self._require()
+        return self._n_ctx
 
     @property
     def vocab_size(self) -> int:
