@@ -103,7 +103,7 @@ def skeleton_model(run: RunDir):
 
     Every parameter is a distinct scalar broadcast to its shape (stride 0): the tracer needs real
     tensors to run the forward pass, but never their values, and the exporter is told not to write
-    them. Distinct values keep the exporter from merging equal-looking parameters into one input. A
+    them. Distinct values are a second guard against merging equal-looking parameters into one input. A
     tied ``lm_head`` stays the embedding's parameter, so the graph reads one table for both.
     """
     import torch
@@ -148,7 +148,9 @@ def export_graph(run: RunDir, work_dir: Path) -> onnx.ModelProto:
     original = torch.onnx.export
 
     def export_without_weights(*args, **kwargs):
-        kwargs.update(export_params=False, do_constant_folding=False)
+        # keep_initializers_as_inputs also skips the exporter's initializer deduplication, which compares
+        # every pair of same-shaped parameters by value: hours at 7B, and pointless for placeholders.
+        kwargs.update(export_params=False, do_constant_folding=False, keep_initializers_as_inputs=True)
         return original(*args, **kwargs)
 
     # optimum asks for accelerate to deduplicate tied weights; the skeleton shares the tied tensor already.
