@@ -143,9 +143,10 @@ def export_graph(run: RunDir, work_dir: Path) -> onnx.ModelProto:
     """
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
+    from torch.onnx._internal.torchscript_exporter import utils as ts_utils
 
     model = skeleton_model(run)
-    original = torch.onnx.export
+    original, named_params = torch.onnx.export, ts_utils._get_named_param_dict
 
     def export_without_weights(*args, **kwargs):
         # keep_initializers_as_inputs also skips the exporter's initializer deduplication, which compares
@@ -153,17 +154,24 @@ def export_graph(run: RunDir, work_dir: Path) -> onnx.ModelProto:
         kwargs.update(export_params=False, do_constant_folding=False, keep_initializers_as_inputs=True)
         return original(*args, **kwargs)
 
+    def no_param_values(graph, params):
+        # The exporter's ONNX shape inference serializes every parameter *value* it knows (a 7B model:
+        # tens of GB through protobuf, for hours). Without values the parameters are plain graph
+        # inputs whose types and shapes the trace recorded, which is all shape inference needs.
+        return {}
+
     # optimum asks for accelerate to deduplicate tied weights; the skeleton shares the tied tensor already.
     optimum_log = logging.getLogger("optimum.exporters.onnx.base")
     quiet = _DropMessages("requires accelerate")
     optimum_log.addFilter(quiet)
     torch.onnx.export = export_without_weights  # optimum imports it at call time
+    ts_utils._get_named_param_dict = no_param_values
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's tracer warns on every data-dependent branch
             onnx_export_from_model(model, work_dir, task=TASK, do_validation=False)
     finally:
-        torch.onnx.export = original
+        torch.onnx.export, ts_utils._get_named_param_dict = original, named_params
         optimum_log.removeFilter(quiet)
     path = work_dir / MODEL_FILE
     if not path.exists():
