@@ -36,7 +36,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def quantize_tensor(w: np.ndarray, scheme, config: CompressConfig, device: torch.device) -> QuantizedWeight:
-    wt = torch.from_numpy(np.array(w, dtype=np.float32)).to(device)  # a writable copy of the memory map
+    wt = torch.from_numpy(np.array(w, dtype=np.float32)).to(device)  # a float32 copy of the read tensor
     clip = 1.0
     if config.clip_search:
         clip = clip_search(_grouped(wt, scheme), scheme)

@@ -478,7 +478,7 @@ def tensor_data(run: RunDir, name: str, gtype: str) -> np.ndarray:
         if order is not None:
             qw = QuantizedWeight(qw.codes[order], qw.scales[order], qw.zeros[order], qw.scheme)
         return PACKERS[gtype](qw)
-    # unquantized tensors come straight from the memory map (no copy when already in the target dtype)
+    # unquantized tensors are written as read (no second copy when already in the target dtype)
     w = run.tensor(name) if run.scheme(name) else run.fp_tensor(name)
     if order is not None:
         w = w[order]
