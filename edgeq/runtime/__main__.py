@@ -3,7 +3,8 @@
 The order matters and is part of the contract:
 
 1. read and hash-verify the manifest and the files it names (nothing else of the artifact is read);
-2. read the eval text, open the RAPL counters, run the bandwidth probe;
+2. read the eval text, open an energy meter (``edgeq.runtime.energy``: Jetson INA3221, RAPL or a
+   discharging battery, whichever the device exposes), run the bandwidth probe;
 3. rewind the process's peak-RSS mark (so the probe's buffers do not count), start the RSS sampler;
 4. import the backend (timed as ``import_time_ms``), open it (timed as ``load_time_ms``);
 5. ``warmup`` untimed generations, ``repeat`` timed ones, then perplexity when an eval text is given;
@@ -35,8 +36,10 @@ Result keys (``*_ms`` milliseconds, ``*_mb`` MiB, ``*_gb_per_s`` 1e9 bytes/s)::
                   rss_samples, rss_interval_ms, peak_reset}
     bandwidth    {weight_bytes_per_token, achieved_decode_gb_per_s, probe_gb_per_s, roofline_fraction,
                   roofline_decode_tokens_per_s, weights_fit_in_llc, llc_bytes, probe_*}
-    energy       {source, domains, scope, joules_per_token, prefill_joules_per_token, ...} | "not available"
-    energy_reason  why energy is not available ("" when it is)
+    energy       {source ("rapl" | "jetson-ina3221" | "power_supply:NAME"), scope, domains | rails | batteries,
+                  method, joules_per_token, prefill_joules_per_token, decode_joules, prefill_joules,
+                  decode_mean_w, ...} | "not available"
+    energy_reason  why energy is not available ("" when it is), e.g. "charging: ..." on a plugged-in phone
     environment  {cpu_model, logical_cores, physical_cores, usable_cores, ram_total_mb, os, kernel,
                   machine, python, numpy, edgeq, backend, runtime{backend.info()}, threads,
                   execution_provider, load_average, ...}
@@ -67,16 +70,15 @@ from edgeq import __version__
 from edgeq.errors import BackendError, ConfigError, EdgeqError
 from edgeq.export.manifest import Manifest, load_manifest
 from edgeq.runtime.backends import Backend, BackendOptions, open_backend
+from edgeq.runtime.energy import EnergyMeter, open_energy_meter
 from edgeq.runtime.metrics import (
     MIB,
     GenerationTiming,
-    RaplMeter,
     RssSampler,
     aggregate_generations,
     current_rss_bytes,
     energy_summary,
     measure_generation,
-    open_rapl,
     peak_rss_bytes,
     roofline,
     ru_maxrss_bytes,
@@ -212,7 +214,7 @@ def capture_llama_errors() -> None:
     llama_cpp.llama_log_set(_llama_log_callback, ctypes.c_void_p(0))
 
 
-def measure(backend: Backend, plan: Plan, text: str, energy: RaplMeter | None) -> tuple[dict, list[GenerationTiming]]:
+def measure(backend: Backend, plan: Plan, text: str, energy: EnergyMeter | None) -> tuple[dict, list[GenerationTiming]]:
     """Warmup, then ``plan.repeat`` timed generations on the first ``prompt_tokens`` tokens of ``text``."""
     need = plan.prompt_tokens + plan.decode_tokens
     if need > backend.n_ctx:
@@ -348,7 +350,7 @@ def _memory(sampler: RssSampler, baseline: int, after_load: int, peak_reset: boo
 
 
 def _measure_loaded(
-    man: Manifest, plan: Plan, eval_text: tuple[str, dict] | None, energy: RaplMeter | None
+    man: Manifest, plan: Plan, eval_text: tuple[str, dict] | None, energy: EnergyMeter | None
 ) -> tuple[dict, list[GenerationTiming], tuple[int, int]]:
     """Phases 4-5: import, load, generations, perplexity, environment; also (runs, (baseline, after-load RSS))."""
     global _stage
@@ -381,7 +383,7 @@ def run_bench(manifest_path: str | os.PathLike, plan: Plan) -> dict:
     wall0 = time.perf_counter()
     man = load_manifest(manifest_path, verify=True)  # hash check before anything else reads the artifact
     eval_text = read_eval_text(plan.eval_text)
-    energy, energy_reason = open_rapl()
+    energy, energy_reason = open_energy_meter()
     # the probe runs in a child process: its buffers never count towards this process's peak RSS
     probe = _probe_in_child(plan.threads) if plan.bandwidth_probe else None
     peak_reset = False
@@ -391,6 +393,9 @@ def run_bench(manifest_path: str | os.PathLike, plan: Plan) -> dict:
     finally:
         sampler.stop()
     memory = _memory(sampler, baseline, after_load, peak_reset)
+    energy_result = energy_summary(energy, runs) if energy is not None else None
+    if energy is not None and energy_result is None:
+        energy_reason = energy.reason or f"an {energy.source} reading was invalid"
     result: dict[str, Any] = {
         "schema": RESULT_SCHEMA,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -399,8 +404,8 @@ def run_bench(manifest_path: str | os.PathLike, plan: Plan) -> dict:
         **loaded,
         "memory": memory,
         "bandwidth": roofline(man.weight_bytes, loaded["generation"]["decode_tokens_per_s"], probe),
-        "energy": energy_summary(energy, runs) if energy else "not available",
-        "energy_reason": "" if energy else energy_reason,
+        "energy": energy_result or "not available",
+        "energy_reason": "" if energy_result else energy_reason,
     }
     result["wall_time_s"] = time.perf_counter() - wall0
     return result

@@ -19,9 +19,11 @@
   /work/shared/reference.md, "Devices and limits"). ``bandwidth_probe`` measures a STREAM-style copy
   (2 bytes moved per byte copied) of a buffer larger than the last-level cache; ``roofline`` relates
   achieved decode bandwidth (weight bytes x tokens/s, an upper estimate of bytes read) to it.
-* **Energy.** ``open_rapl`` reads Intel/AMD RAPL package counters under ``/sys/class/powercap`` when
-  they exist and are readable (root-only since Linux 5.10, CVE-2020-8694); otherwise it says why, and
-  the result says ``"not available"``. RAPL is package-wide: other processes' work counts too.
+* **Energy.** ``measure_generation`` takes any ``edgeq.runtime.energy.EnergyMeter`` (RAPL counters,
+  Jetson INA3221 rails, a discharging battery: whichever ``open_energy_meter`` finds) and records the
+  prefill and decode joules; ``energy_summary`` turns them into joules per token, or None when a
+  reading became invalid (the result then says ``"not available"`` and why). Every source sees the
+  whole package/board/device: other processes' work counts too.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +47,17 @@ import psutil
 
 from edgeq.errors import ConfigError
 from edgeq.runtime.backends.base import Backend
+from edgeq.runtime.energy import (  # RaplMeter, open_rapl, RAPL_ROOT: re-exported (they lived here)
+    RAPL_ROOT,  # noqa: F401
+    EnergyMeter,
+    RaplMeter,  # noqa: F401
+    SampledPowerMeter,
+    open_rapl,  # noqa: F401
+)
 
 log = logging.getLogger(__name__)
 
 MIB = 2**20
-RAPL_ROOT = Path("/sys/class/powercap")
 
 
 # -- memory ------------------------------------------------------------------------------------------
@@ -223,12 +231,15 @@ def _ms(t0_ns: int, t1_ns: int) -> float:
 
 
 def measure_generation(
-    backend: Backend, prompt_ids: list[int], decode_tokens: int, energy: RaplMeter | None = None
+    backend: Backend, prompt_ids: list[int], decode_tokens: int, energy: EnergyMeter | None = None
 ) -> GenerationTiming:
     """Time one greedy generation from an empty sequence (see module docstring). Returns ``GenerationTiming``.
 
     The garbage collector is paused inside the timed region so that a collection does not land on one
-    token's latency (as ``timeit`` does).
+    token's latency (as ``timeit`` does). The decode loop reads the clock once per token: token i's
+    latency runs from the end of token i-1 (or of the decode start) to the end of its own argmax, so
+    the latencies add up to the loop's wall time, as a bare loop timed around the whole loop would
+    read it. ``energy`` (started here, stopped at the end) gives the prefill and decode joules.
     """
     if not prompt_ids:
         raise ConfigError("measure_generation got an empty prompt; expected at least one token id")
@@ -236,33 +247,40 @@ def measure_generation(
         raise ConfigError(f"decode_tokens={decode_tokens} is invalid; expected >= 1")
     prompt = [int(t) for t in prompt_ids]
     backend.reset()
-    latencies: list[float] = []
+    forward, argmax, clock = backend.forward, np.argmax, time.perf_counter_ns
+    stamps = [0] * (decode_tokens + 1)  # clock at the decode start and after each token
+    generated = [0] * (decode_tokens + 1)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     with paused_sampling():  # no RSS polling inside the timed region (see the module docstring)
         try:
-            e0 = energy.read_uj() if energy else None
-            t0 = time.perf_counter_ns()
-            logits = backend.forward(prompt)  # (P, V)
-            t1 = time.perf_counter_ns()
-            token = int(np.argmax(logits[-1]))
-            t2 = time.perf_counter_ns()
-            e1 = energy.read_uj() if energy else None
-            generated = [token]
-            for _ in range(decode_tokens):
-                ts = time.perf_counter_ns()
-                logits = backend.forward([token])  # (1, V)
-                token = int(np.argmax(logits[-1]))
-                latencies.append(_ms(ts, time.perf_counter_ns()))
-                generated.append(token)
-            e2 = energy.read_uj() if energy else None
+            if energy is not None:
+                energy.start()
+            t0 = clock()
+            logits = forward(prompt)  # (P, V)
+            t1 = clock()
+            token = int(argmax(logits[-1]))
+            t2 = clock()
+            e1 = energy.read_j() if energy is not None else None
+            generated[0] = token
+            stamps[0] = clock()
+            for i in range(1, decode_tokens + 1):
+                token = int(argmax(forward([token])[-1]))  # (1, V) -> the next token
+                stamps[i] = clock()
+                generated[i] = token
+            e2 = energy.stop() if energy is not None else None
+        except BaseException:
+            if energy is not None:
+                energy.stop()  # no sampler thread outlives a failed generation
+            raise
         finally:
             if gc_was_enabled:
                 gc.enable()
+    latencies = [_ms(a, b) for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
     timing = GenerationTiming(len(prompt), _ms(t0, t1), _ms(t0, t2), latencies, generated)
-    if energy is not None:
-        timing.prefill_joules = energy.joules(e0, e1)
-        timing.decode_joules = energy.joules(e1, e2)
+    if energy is not None and e1 is not None and e2 is not None:
+        timing.prefill_joules = e1
+        timing.decode_joules = e2 - e1
     return timing
 
 
@@ -386,66 +404,30 @@ def roofline(weight_bytes: int, decode_tokens_per_s: float, probe: dict | None) 
 # -- energy ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RaplMeter:
-    """Package-level RAPL energy counters (``intel-rapl:N``; sub-domains would double count)."""
+def energy_summary(meter: EnergyMeter, runs: list[GenerationTiming]) -> dict | None:
+    """Joules per token over the timed generations, or None when a reading was invalid (see ``meter.reason``).
 
-    domains: list[Path]
-    max_range_uj: list[int] = field(default_factory=list)
-
-    def read_uj(self) -> list[int]:
-        return [int((d / "energy_uj").read_text()) for d in self.domains]
-
-    def joules(self, before: list[int] | None, after: list[int] | None) -> float:
-        """Energy between two readings, with counter wrap-around handled."""
-        assert before is not None and after is not None
-        total = 0
-        for b, a, rng in zip(before, after, self.max_range_uj, strict=True):
-            total += a - b if a >= b else a + rng - b
-        return total / 1e6
-
-    def names(self) -> list[str]:
-        out = []
-        for d in self.domains:
-            try:
-                out.append((d / "name").read_text().strip())
-            except OSError:
-                out.append(d.name)
-        return out
-
-
-def open_rapl(root: Path = RAPL_ROOT) -> tuple[RaplMeter | None, str]:
-    """A meter over the readable package domains, or ``(None, reason)`` when energy cannot be read."""
-    domains = sorted(p for p in root.glob("intel-rapl:*") if p.name.count(":") == 1)
-    if not domains:
-        return None, f"no RAPL package domains under {root} (not an x86 host with powercap, or a VM/container)"
-    ranges = []
-    for d in domains:
-        try:
-            int((d / "energy_uj").read_text())
-            ranges.append(int((d / "max_energy_range_uj").read_text()))
-        except PermissionError:
-            return None, (
-                f"{d / 'energy_uj'} is not readable by this user (root-only since Linux 5.10); "
-                "run as root or grant read access to measure energy"
-            )
-        except (OSError, ValueError) as exc:
-            return None, f"cannot read {d / 'energy_uj'} ({exc})"
-    return RaplMeter(domains, ranges), ""
-
-
-def energy_summary(meter: RaplMeter, runs: list[GenerationTiming]) -> dict:
-    """Joules per token over the timed generations (package-wide: includes other processes' work)."""
+    The scope is the meter's (``describe()``): RAPL and the board/battery meters see every process.
+    """
+    if meter.reason or any(r.decode_joules is None or r.prefill_joules is None for r in runs):
+        return None
     decode_j = sum(r.decode_joules or 0.0 for r in runs)
     prefill_j = sum(r.prefill_joules or 0.0 for r in runs)
     decode_n = sum(r.decode_tokens for r in runs)
     prompt_n = sum(r.prompt_tokens for r in runs)
-    return {
-        "source": "rapl",
-        "domains": meter.names(),
-        "scope": "package (whole socket, all processes)",
+    decode_s = sum(sum(r.decode_latency_ms) for r in runs) / 1000.0
+    out = {
+        **meter.describe(),
         "decode_joules": decode_j,
         "prefill_joules": prefill_j,
         "joules_per_token": decode_j / decode_n,
         "prefill_joules_per_token": prefill_j / prompt_n,
+        "decode_mean_w": decode_j / decode_s if decode_s > 0 else None,
     }
+    if isinstance(meter, SampledPowerMeter):  # the last run's sampling, to judge the resolution
+        out.update(
+            power_samples=meter.samples,
+            distinct_power_readings=meter.distinct_readings,
+            failed_power_samples=meter.failed_samples,
+        )
+    return out

@@ -12,6 +12,12 @@ the next pasts through I/O binding (ORT docs, "I/O Binding": inputs and outputs 
 conversion to numpy), so decode copies nothing but the logits back to numpy; on CUDA/TensorRT the
 cache never leaves the GPU. The attention mask and position ids are views into arrays built once at
 load. (The graph itself concatenates past and new keys each step; that copy is the graph's.)
+
+``forward`` is the decode hot path, so it makes the onnxruntime calls of a bare I/O-binding loop and
+as little Python around them as it can: a one-token step writes its id into a preallocated ``(1, 1)``
+array (no list -> array conversion), ``n_ctx`` and the bound names are resolved once at load, the
+cache is a list aligned with the input names (no dict rebuilt per step), and the logits are converted
+to float32 only when the graph does not already return float32.
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ class OnnxRuntimeBackend:
         self._session = None
         self._tokenizer = None
         self._binding = None
-        self._past: dict[str, object] = {}  # past input name -> OrtValue (the previous step's present)
+        self._past: list = []  # OrtValues aligned with _past_names: the previous step's presents
         self._n_past = 0
+        self._n_ctx = 0  # resolved at load (see n_ctx)
         self._device = "cpu"
 
     # -- loading ---------------------------------------------------------------------------------
@@ -87,8 +94,10 @@ class OnnxRuntimeBackend:
         self._discover_io()
         self._tokenizer = Tokenizer.from_file(str(self.manifest.file("tokenizer")))
         self._binding = self._session.io_binding()
-        self._positions = np.arange(self.n_ctx, dtype=self._pos_dtype)[None, :]  # (1, n_ctx)
-        self._mask = np.ones((1, self.n_ctx), dtype=self._mask_dtype)  # (1, n_ctx)
+        self._n_ctx = int(self.options.n_ctx or self.manifest.model.get("n_ctx") or DEFAULT_N_CTX)
+        self._positions = np.arange(self._n_ctx, dtype=self._pos_dtype)[None, :]  # (1, n_ctx)
+        self._mask = np.ones((1, self._n_ctx), dtype=self._mask_dtype)  # (1, n_ctx)
+        self._one = np.zeros((1, 1), dtype=self._ids_dtype)  # a one-token step's input_ids, rewritten in place
         self.reset()
         log.info("loaded %s on %s", model_path.name, self._session.get_providers())
 
@@ -152,7 +161,7 @@ class OnnxRuntimeBackend:
             raise BackendError("manifest.model lacks n_kv_heads/head_dim and the graph has dynamic ones; re-export")
         empty = np.zeros(self._kv_shape, dtype=self._kv_dtype) if self._past_names else None
         self._empty = empty  # an OrtValue over CPU memory borrows the numpy buffer: keep it alive
-        self._past = {n: ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0) for n in self._past_names}
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0) for _ in self._past_names]
         self._n_past = 0
 
     def forward(self, ids: list[int]) -> np.ndarray:
@@ -161,24 +170,30 @@ class OnnxRuntimeBackend:
         n = len(ids)
         if n == 0:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
-        start, end = self._n_past, self._n_past + n
-        if end > self.n_ctx:
+        start = self._n_past
+        end = start + n
+        if end > self._n_ctx:
             raise BackendError(
-                f"sequence of {end} tokens exceeds n_ctx={self.n_ctx}; expected <= n_ctx: reset() first or raise n_ctx"
+                f"sequence of {end} tokens exceeds n_ctx={self._n_ctx}; expected <= n_ctx: reset() first or raise n_ctx"
             )
-        binding = self._binding
+        if n == 1:
+            input_ids = self._one
+            input_ids[0, 0] = ids[0]
+        else:
+            input_ids = np.asarray(ids, dtype=self._ids_dtype).reshape(1, n)
+        binding, device = self._binding, self._device
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        binding.bind_cpu_input("input_ids", np.asarray(ids, dtype=self._ids_dtype).reshape(1, n))
+        binding.bind_cpu_input("input_ids", input_ids)
         if self._has_mask:
             binding.bind_cpu_input("attention_mask", self._mask[:, :end])
         if self._has_pos:
             binding.bind_cpu_input("position_ids", self._positions[:, start:end])
-        for name, value in self._past.items():
+        for name, value in zip(self._past_names, self._past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self._present_names:
-            binding.bind_output(name, self._device, 0)
+            binding.bind_output(name, device, 0)
         try:
             self._session.run_with_iobinding(binding)
         except Exception as exc:  # ORT's C++ errors surface as several exception types
@@ -186,10 +201,10 @@ class OnnxRuntimeBackend:
                 f"onnxruntime failed on {n} tokens at position {start} ({str(exc).strip()[:200]})"
             ) from None
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()  # (1, n, V)
-        self._past = dict(zip(self._past_names, outputs[1:], strict=True))
+        logits = outputs[0].numpy()[0]  # (n, V)
+        self._past = outputs[1:]
         self._n_past = end
-        return np.asarray(logits[0], dtype=np.float32)
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def tokenize(self, text: str) -> list[int]:
         self._check_loaded()
@@ -201,6 +216,8 @@ class OnnxRuntimeBackend:
 
     @property
     def n_ctx(self) -> int:
+        if self._n_ctx:
+            return self._n_ctx
         return int(self.options.n_ctx or self.manifest.model.get("n_ctx") or DEFAULT_N_CTX)
 
     @property
@@ -223,7 +240,7 @@ class OnnxRuntimeBackend:
         }
 
     def close(self) -> None:
-        self._past = {}
+        self._past = []
         self._binding = None
         self._session = None
 
