@@ -316,7 +316,8 @@ def materialize(
             f"the exported graph reads {len(unknown)} parameters the run dir lacks (e.g. {unknown[0]!r}); "
             "expected every model parameter in the run: the run dir is incomplete"
         )
-    missing = [n for n in plan if n not in {p.name for p in params}]
+    read = {p.name for p in params}
+    missing = [n for n in plan if n not in read]
     if missing:
         raise ExportError(f"quantized tensor {missing[0]!r} is not read by the exported graph; report this")
     replaced: dict[int, onnx.NodeProto | None] = {}  # id(node) -> replacement (None: drop)

@@ -56,6 +56,17 @@ def _progress(total: int, desc: str, ctx: DistContext):
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=True if not ctx.is_main else None)
 
 
+def _optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, curve: list[float], bar, ctx: DistContext) -> None:
+    """One optimizer step on ``loss``; records the (global) loss in ``curve`` and advances the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    curve.append(float(ctx.mean(loss.detach())))
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{curve[-1]:.4g}", refresh=False)
+
+
 def wrap_block(block, family: Family, prefix: str, quantized: dict) -> dict[str, QATLinear]:
     """Replace the block's quantized Linears by QATLinear modules; returns them by path."""
     out = {}
@@ -147,13 +158,7 @@ def train_block(block, qats, inputs, targets, kwargs, cfg, saliency, ctx: DistCo
             out = model(inputs[i].to(device), **kw)
             out = out[0] if isinstance(out, tuple) else out
             loss = block_loss(out, targets[i].to(device), cfg, gen, stage, reg, ctx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        curve.append(float(ctx.mean(loss.detach())))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{curve[-1]:.4g}", refresh=False)
+        _optimize(opt, loss, curve, bar, ctx)
     if bar is not None:
         bar.close()
     return curve
@@ -317,13 +322,7 @@ def end_to_end(
             t_logits = teacher(x).logits.float()
         s_logits = model(x).logits.float()
         loss = logit_loss(term, s_logits[:, :-1], t_logits[:, :-1], x[:, 1:], ctx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        curve.append(float(ctx.mean(loss.detach())))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{curve[-1]:.4g}", refresh=False)
+        _optimize(opt, loss, curve, bar, ctx)
         done = step + 1
         if on_checkpoint is not None and done < cfg.e2e_steps and done % cfg.checkpoint_every == 0:
             on_checkpoint(done, curve, qats, opt)
