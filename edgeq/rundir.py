@@ -144,6 +144,7 @@ class RunDir:
     meta: dict = field(default_factory=dict)
     _fp: list[SafetensorsFile] = field(default_factory=list, repr=False)
     _quant: SafetensorsFile | None = field(default=None, repr=False)
+    _tokenizer_json: str | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> RunDir:
@@ -233,6 +234,39 @@ class RunDir:
 
     def side_files(self) -> list[Path]:
         return [self.path / f for f in MODEL_SIDE_FILES if (self.path / f).exists()]
+
+    def tokenizer_json(self) -> str:
+        """The model's Hugging Face fast-tokenizer JSON: ``tokenizer.json``, or -- for a checkpoint that
+        ships only SentencePiece's ``tokenizer.model`` (older Llama/Mistral repos) -- the fast tokenizer
+        ``transformers`` converts from it (host side: needs transformers, sentencepiece, protobuf)."""
+        path = self.path / "tokenizer.json"
+        if path.exists():
+            return path.read_text(encoding="utf-8")
+        if self._tokenizer_json is not None:
+            return self._tokenizer_json
+        if not (self.path / "tokenizer.model").exists():
+            raise ModelError(
+                f"{self.path} has no tokenizer.json or tokenizer.model; expected the model's Hugging Face "
+                "tokenizer files beside config.json (copy them from the source checkpoint)"
+            )
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.path, use_fast=True)
+            backend = tok.backend_tokenizer
+        except Exception as exc:  # noqa: BLE001 -- any failure of the conversion is the same user error
+            raise ModelError(
+                f"cannot convert {self.path / 'tokenizer.model'} to a fast tokenizer ({type(exc).__name__}: "
+                f"{exc}); expected a SentencePiece tokenizer transformers can load (pip install sentencepiece protobuf)"
+            ) from None
+        self._tokenizer_json = backend.to_str()
+        return self._tokenizer_json
+
+    def tokenizer(self):
+        """A ``tokenizers.Tokenizer`` for the model (see ``tokenizer_json``)."""
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self.tokenizer_json())
 
     def source_info(self) -> dict:
         """Where the weights came from: the source model's path and weights hash."""

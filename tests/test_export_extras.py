@@ -134,8 +134,10 @@ def test_int4_with_fp16_activations(make_run, tmp_path, bundled_dir):
     # an fp32-activation int4 export of the same run is larger: fp32 scales and KV cache
     fp32 = tmp_path / "int4-fp32"
     assert CliRunner().invoke(cli, [*args[:-4], "--out", str(fp32), "--no-parity"]).exit_code == 0
-    size = {d: sum(p.stat().st_size for p in d.glob("model.onnx*")) for d in (out, fp32)}
-    assert size[out] < size[fp32]
+    # the fp32-activation graph stores the fp16 scales and fp16-exact tables in fp16 behind Casts, so the
+    # weights cost the same; fp16 activations save the float32 norms (and halve the KV cache at run time)
+    data = {d: (d / "model.onnx_data").stat().st_size for d in (out, fp32)}
+    assert data[out] < data[fp32] < data[out] * 1.01
 
 
 def test_fp16_activations_refused_where_they_do_not_apply(make_run, tmp_path):

@@ -314,3 +314,60 @@ def test_json_only_with_unreachable_token_is_refused(tmp_path, spm_dirs):
 def test_merge_scores_prefer_the_first_merge():
     scores = merge_scores({"a": 0, "b": 1, "ab": 2, "abb": 3}, ["a b", ["ab", "b"], "a bb"])
     assert scores == {"ab": 0.0, "abb": -1.0}
+
+
+# -- checkpoints that ship only tokenizer.model ----------------------------------------------------
+def test_tokenizer_model_only_checkpoint_compresses_and_exports(tmp_path, spm_dirs):
+    """Older Llama/Mistral repos ship SentencePiece's tokenizer.model and no tokenizer.json. Compression
+    writes the fast tokenizer transformers converts from it into the run dir, so calibration, parity,
+    the ONNX artifact (whose device runtime tokenizes with tokenizer.json) and GGUF all work, and every
+    one of them tokenizes as HF does."""
+    from tokenizers import Tokenizer
+
+    import edgeq
+    from edgeq.config import CompressConfig, ExportConfig
+    from edgeq.export.manifest import load_manifest
+    from edgeq.runtime.backends import open_backend
+    from edgeq.runtime.backends.base import BackendOptions
+
+    model_dir = tmp_path / "spm_only"
+    shutil.copytree(spm_dirs[True], model_dir)
+    (model_dir / "tokenizer.json").unlink()
+    hf = _hf(spm_dirs[True])
+
+    def same_as_hf(encode) -> None:
+        for text in TEXTS:
+            assert encode(text) == hf.encode(text, add_special_tokens=False), repr(text)
+
+    src_gguf = edgeq.export(model_dir, ExportConfig(format="gguf", type="f16", parity_tokens=64), tmp_path / "src.gguf")
+    assert src_gguf.tokenizer == {"kind": "hf-tokenizers", "model": "BPE", "file": "tokenizer.json",
+                                  "converted_from": "tokenizer.model"}  # fmt: skip
+    assert src_gguf.parity["source"]["rel_error"] < 1e-2  # parity tokenized the held-out text
+    assert not (model_dir / "tokenizer.json").exists()  # the user's model dir is left as it was
+
+    run_dir = edgeq.compress(model_dir, CompressConfig(method="gptq", bits=4, group_size=32, n_samples=4,
+                                                       seq_len=64), tmp_path / "run")  # fmt: skip
+    same_as_hf(lambda t: Tokenizer.from_file(str(run_dir / "tokenizer.json")).encode(t, add_special_tokens=False).ids)
+    assert (run_dir / "tokenizer.model").exists()
+
+    man = edgeq.export(run_dir, ExportConfig(format="onnx", type="int4", parity_tokens=64), tmp_path / "onnx")
+    assert man.parity["fake_quant"]["rel_error"] <= 1e-4
+    backend = open_backend(load_manifest(tmp_path / "onnx"), BackendOptions(threads=1))
+    same_as_hf(backend.tokenize)
+    backend.close()
+
+    gguf_man = edgeq.export(run_dir, ExportConfig(format="gguf", type="q4_0", parity_tokens=64), tmp_path / "m.gguf")
+    llm = _llama(tmp_path / "m.gguf")
+    same_as_hf(lambda t: llm.tokenize(t.encode(), add_bos=False, special=True))
+    assert gguf_man.tokenizer["kind"] == "hf-tokenizers"
+
+
+def test_model_dir_without_tokenizer_is_refused(tmp_path, spm_dirs):
+    from edgeq.errors import ModelError
+
+    model_dir = tmp_path / "no_tok"
+    shutil.copytree(spm_dirs[True], model_dir)
+    (model_dir / "tokenizer.json").unlink()
+    (model_dir / "tokenizer.model").unlink()
+    with pytest.raises(ModelError, match=r"has no tokenizer.json or tokenizer.model; expected"):
+        RunDir.open(model_dir).tokenizer()

@@ -85,3 +85,29 @@ def test_demo_end_to_end(tmp_path):
     host = evaluate(MODEL_DIR, out / "eval.txt", ctx=bench["ctx"], max_tokens=bench["eval_tokens"], device="cpu")
     assert host["tokens"] == bench["tokens"]
     assert host["perplexity"] == pytest.approx(bench["ppl"], rel=1e-4)
+
+
+def test_readme_python_api_snippet_runs(tmp_path):
+    """The README's Python API example, run as written (paths made absolute, in a fresh interpreter).
+
+    ``edgeq.compress`` / ``edgeq.export`` are also packages; the calls must keep working after those
+    packages are imported (the first call imports them), which is what the second and third lines test.
+    """
+    import re
+    from pathlib import Path
+
+    from edgeq.bundled import MODEL_DIR
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "edgeq.compress(" in b)
+    code = code.replace('"edgeq/bundled/edgeq-tiny-stdlib"', repr(str(MODEL_DIR)))
+    code += "\nimport edgeq.compress.rtn, edgeq.export.gguf, edgeq.report.write\n"
+    code += "assert all(callable(f) for f in (edgeq.compress, edgeq.export, edgeq.report, edgeq.bench))\n"
+    code += (
+        "print('RESULT', result['generation']['decode_tokens_per_s'] > 0, man.parity['fake_quant']['top1_agreement'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "w4.q4_0.gguf").exists() and (tmp_path / "runs" / "w4" / "run.json").exists()
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    assert line.split()[1] == "True" and float(line.split()[2]) > 0.9

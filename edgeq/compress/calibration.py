@@ -59,15 +59,17 @@ def read_calibration_texts(source: str | os.PathLike | None, text_field: str = "
     return [path.read_text(encoding="utf-8", errors="replace")]
 
 
-def calibration_ids(tokenizer_file: Path, texts: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_ids(tokenizer, texts: list[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """(n_samples, seq_len) token windows drawn (seeded) from the tokenized texts.
+
+    ``tokenizer``: a ``tokenizers.Tokenizer`` or the path of a ``tokenizer.json``.
 
     Texts are visited in a seeded random order and tokenized only until there are four times as many
     tokens as the windows need (or the texts run out), so a large corpus costs little.
     """
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok = Tokenizer.from_file(str(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer
     rng = np.random.default_rng(seed)
     need = 4 * n_samples * seq_len
     parts, have = [], 0

@@ -17,8 +17,6 @@ def evaluate(
     device: str = "auto",
 ) -> dict:
     """Perplexity (non-overlapping ``ctx`` windows) and, for runs, gap / KL / top-1 vs the reference."""
-    from tokenizers import Tokenizer
-
     from edgeq.bundled import heldout_text
     from edgeq.compress.eval import agreement, paired_gap, perplexity
     from edgeq.compress.model import load_torch_model
@@ -31,7 +29,7 @@ def evaluate(
     if ctx > n_ctx:
         raise ConfigError(f"--ctx {ctx} exceeds the model's context {n_ctx}; use --ctx {n_ctx} or less")
     body = Path(text).read_text(encoding="utf-8", errors="replace") if text else heldout_text(max_chars=max_tokens * 6)
-    tok = Tokenizer.from_file(str(run.path / "tokenizer.json"))
+    tok = run.tokenizer()
     ids = tok.encode(body, add_special_tokens=False).ids[: max_tokens + 1]
     if len(ids) <= ctx:
         raise ConfigError(f"eval text has {len(ids)} tokens; need more than --ctx {ctx} (use a longer --text)")

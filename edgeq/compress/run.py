@@ -76,7 +76,7 @@ def calibrated_tensors(src: RunDir, config: CompressConfig, scheme_for, device, 
     if config.seq_len > n_ctx:
         raise ConfigError(f"seq_len={config.seq_len} exceeds the model's context {n_ctx}; use --seq-len {n_ctx}")
     texts = read_calibration_texts(config.calib)
-    ids = calibration_ids(src.path / "tokenizer.json", texts, config.n_samples, config.seq_len, config.seed)
+    ids = calibration_ids(src.tokenizer(), texts, config.n_samples, config.seq_len, config.seed)
     if config.method == "gptq":
         method = gptq.make_block_method(family, scheme_for, config.damp, config.act_order)
     else:
@@ -160,6 +160,8 @@ def write_run(
     with AtomicDir(out) as tmp:
         for f in src.side_files():
             shutil.copy2(f, tmp / f.name)
+        if not (tmp / "tokenizer.json").exists():  # tokenizer.model only: every later stage reads tokenizer.json
+            (tmp / "tokenizer.json").write_text(src.tokenizer_json(), encoding="utf-8")
         save_file(fp, str(tmp / FP_FILE))
         save_file(quant, str(tmp / QUANT_FILE))
         (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")

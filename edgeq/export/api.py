@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgeq import __version__
 from edgeq.config import ExportConfig
-from edgeq.errors import ConfigError, ExportError
+from edgeq.errors import ConfigError
 from edgeq.export.manifest import Manifest, file_entry
 from edgeq.rundir import AtomicDir, RunDir
 
@@ -38,13 +38,16 @@ def scheme_summary(run: RunDir, artifact_types: dict[str, str]) -> dict:
 
 
 def tokenizer_summary(run: RunDir) -> dict:
+    """What tokenizes for the artifact: the model's fast tokenizer (``tokenizer.json``, or the one
+    converted from a SentencePiece-only checkpoint's ``tokenizer.model``)."""
     import json
 
-    path = run.path / "tokenizer.json"
-    if not path.exists():
-        raise ExportError(f"{run.path} has no tokenizer.json; expected a Hugging Face fast tokenizer beside the model")
-    model = json.loads(path.read_text()).get("model", {})
-    return {"kind": "hf-tokenizers", "model": model.get("type"), "file": "tokenizer.json"}
+    converted = not (run.path / "tokenizer.json").exists()
+    model = json.loads(run.tokenizer_json()).get("model", {})
+    out = {"kind": "hf-tokenizers", "model": model.get("type"), "file": "tokenizer.json"}
+    if converted:
+        out["converted_from"] = "tokenizer.model"
+    return out
 
 
 def _refuse_existing(out: Path, marker: str) -> None:

@@ -19,7 +19,8 @@ The decoder graph is never written by hand, and the model's weights are never al
    ``Transpose -> MatMul`` becomes a com.microsoft ``MatMulNBits`` packed from the run's own codes
    (``edgeq.export.onnx_nbits``; never re-quantized, so with fp32 activations and
    ``accuracy_level=0`` the artifact computes the fake-quant model exactly). Float tensors that are
-   exact in float16 are stored in float16 behind a ``Cast`` in quantized fp32 graphs (``compact``).
+   exact in float16, and the run's float16 scales, are stored in float16 behind a ``Cast`` in quantized
+   fp32 graphs (``compact``); onnxruntime folds the Casts when it creates the session.
    Peak memory is the largest tensor plus the graph, whatever the model's size.
 
 ``int8`` of an *unquantized* model is the exception: ``onnxruntime.quantization.quantize_dynamic``
@@ -258,14 +259,13 @@ def _uses(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> _Uses:
 
 
 def _nbits_node(
-    mm: onnx.NodeProto, base: str, inits: list[onnx.TensorProto], shape: tuple[int, int], bits: int, block: int,
-    level: int,
-) -> onnx.NodeProto:  # fmt: skip
+    mm: onnx.NodeProto, base: str, inputs: list[str], shape: tuple[int, int], bits: int, block: int, level: int
+) -> onnx.NodeProto:
     """The MatMulNBits node replacing MatMul ``mm`` (ORT contrib-op spec)."""
     n, k = shape
     return helper.make_node(
         "MatMulNBits",
-        [mm.input[0], *(t.name for t in inits)],
+        [mm.input[0], *inputs],
         list(mm.output),
         name=(mm.name or f"/{base}/MatMul") + "NBits",
         domain=MS_DOMAIN,
@@ -293,7 +293,9 @@ def materialize(
     """Turn the graph's parameter inputs into initializers, one tensor at a time, from the run dir.
 
     * a quantized Linear (``plan``): its ``Transpose -> MatMul`` becomes ``MatMulNBits`` packed from
-      the run's codes (``edgeq.export.onnx_nbits``), scales in the graph's activation type;
+      the run's codes (``edgeq.export.onnx_nbits``); the op wants its scales in the activation type,
+      and the run's are float16 by contract, so with ``compact`` they are stored in float16 behind a
+      ``Cast`` (2 bytes per group instead of 4);
     * a float Linear: the weight is stored transposed (``[K, N]``) and the MatMul reads it directly;
     * a tied embedding (``Gather`` and the lm_head's ``Transpose -> MatMul``): stored once, ``[V, H]``;
       onnxruntime folds the constant Transpose at session creation;
@@ -351,20 +353,17 @@ def materialize(
             qw = run.quantized(name)
             packed = pack_matmul_nbits(qw, plan[name])
             base = name.removesuffix(".weight")
-            nbits_inits = [data.add(f"{base}.nbits_B", packed.b)]
-            nbits_inits.append(
-                data.add(f"{base}.nbits_scales", packed.scales.astype(helper.tensor_dtype_to_np_dtype(elem)))
-            )
+            inputs = [f"{base}.nbits_B", f"{base}.nbits_scales"]
+            inits.append(data.add(inputs[0], packed.b))
+            scales_tag = store(inputs[1], packed.scales, elem)
             if packed.zero_points is not None:
-                nbits_inits.append(data.add(f"{base}.nbits_zero_points", packed.zero_points))
-            inits += nbits_inits
+                inputs.append(f"{base}.nbits_zero_points")
+                inits.append(data.add(inputs[-1], packed.zero_points))
             for transpose, mms in uses.linear:
                 replaced[id(transpose)] = None
                 for mm in mms:
-                    replaced[id(mm)] = _nbits_node(
-                        mm, base, nbits_inits, qw.shape, plan[name], packed.block_size, level
-                    )
-            ops.append(f"MatMulNBits(bits={plan[name]},block={packed.block_size})")
+                    replaced[id(mm)] = _nbits_node(mm, base, inputs, qw.shape, plan[name], packed.block_size, level)
+            ops.append(f"MatMulNBits(bits={plan[name]},block={packed.block_size},scales={scales_tag})")
             del qw, packed
         elif uses.linear and not uses.other:
             tag = store(f"{name}.T", np.ascontiguousarray(run.tensor(name).T), elem)
@@ -602,6 +601,8 @@ def export_onnx(run: RunDir, precision: str, out_dir: Path, accuracy_level: int 
     checked = validate(out_dir / MODEL_FILE, mat.weight_bytes)
     for f in run.side_files():
         shutil.copy2(f, out_dir / f.name)
+    if not (out_dir / "tokenizer.json").exists():  # the device runtime tokenizes with tokenizer.json
+        (out_dir / "tokenizer.json").write_text(run.tokenizer_json(), encoding="utf-8")
     opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
     info = {
         "tensors": {name: labels[name] for name in run.names() if name in labels},

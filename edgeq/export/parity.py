@@ -58,11 +58,9 @@ def torch_logits(model_path: Path, ids: list[int]) -> np.ndarray:
 
 def parity_tokens(run: RunDir, n_tokens: int) -> list[int]:
     """The first ``n_tokens`` + 1 tokens of the held-out text, with the run's own HF tokenizer."""
-    from tokenizers import Tokenizer
-
     from edgeq.bundled import heldout_text
 
-    tok = Tokenizer.from_file(str(run.path / "tokenizer.json"))
+    tok = run.tokenizer()
     ids = tok.encode(heldout_text(max_chars=n_tokens * 8), add_special_tokens=False).ids
     n_ctx = run.config.get("max_position_embeddings") or n_tokens + 1
     return ids[: min(n_tokens + 1, n_ctx)]

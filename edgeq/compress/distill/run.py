@@ -154,7 +154,7 @@ def _distill(run: RunDir, teacher_path: Path, config: DistillConfig, out: Path, 
     t0 = time.time()
     student, teacher_model = load_torch_model(run.path), load_torch_model(teacher_path)
     texts = read_calibration_texts(config.calib)
-    ids = calibration_ids(run.path / "tokenizer.json", texts, config.n_samples, config.seq_len, config.seed)
+    ids = calibration_ids(run.tokenizer(), texts, config.n_samples, config.seq_len, config.seed)
     quantized = _quantized_tensors(run)
     n_blocks = len(get_module(student, family.blocks))
     saver = _Checkpointer(ctx, state_dir, fp, config)
