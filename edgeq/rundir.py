@@ -202,6 +202,14 @@ class RunDir:
                 return f.shape(name)
         raise KeyError(name)
 
+    def fp_dtype(self, name: str) -> np.dtype:
+        """The numpy dtype ``fp_tensor(name)`` returns (bf16 is widened to float32)."""
+        for f in self._fp:
+            if name in f.entries:
+                code = f.dtype(name)
+                return np.dtype(np.float32 if code == "BF16" else _ST_DTYPES[code])
+        raise KeyError(name)
+
     # -- reading -------------------------------------------------------------------------------
     def fp_tensor(self, name: str) -> np.ndarray:
         for f in self._fp:
@@ -281,6 +289,68 @@ def weights_hash(model_dir: Path) -> str:
     for p in weight_files(Path(model_dir)):
         digest.update(p.name.encode() + b"\0" + sha256_file(p).encode())
     return digest.hexdigest()
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, so a writer holds one tensor at a time.
+
+    The format puts every tensor's name, dtype, shape and byte range in a JSON header before the
+    data, so the tensors are declared up front (``specs``, in file order) and then written in that
+    order. ``safetensors.numpy.save_file`` needs all tensors in memory at once -- 1 byte per weight
+    of codes for a whole 7B model -- hence this writer; files are read back by ``safetensors`` itself
+    in the tests. ``close`` refuses a file whose tensors were not all written.
+    """
+
+    _CODES = {np.dtype(v).str: k for k, v in _ST_DTYPES.items() if k != "BF16"}
+
+    def __init__(self, path: Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict | None = None):
+        self.path = Path(path)
+        self._specs = [(name, np.dtype(dtype), tuple(int(d) for d in shape)) for name, dtype, shape in specs]
+        header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+        offset = 0
+        for name, dtype, shape in self._specs:
+            size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            header[name] = {
+                "dtype": self._CODES[dtype.str],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._fh = open(self.path, "wb")  # noqa: SIM115 -- closed by close()
+        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path.name}: {name} written after every declared tensor")
+        want, dtype, shape = self._specs[self._next]
+        arr = np.ascontiguousarray(arr)
+        if name != want or arr.dtype != dtype or arr.shape != shape:
+            raise ValueError(
+                f"{self.path.name}: got {name} {arr.dtype}{list(arr.shape)}, expected {want} {dtype}{list(shape)}"
+            )
+        self._fh.write(memoryview(arr).cast("B") if arr.size else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._next != len(self._specs):
+            raise ValueError(f"{self.path.name}: {len(self._specs) - self._next} declared tensors were never written")
+
+    def abandon(self) -> None:
+        """Close without the completeness check (the caller is discarding the file)."""
+        self._fh.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
 
 
 class AtomicDir:

@@ -128,3 +128,62 @@ def test_eval_command_reports_gap_kl_and_writes_json(tmp_path, make_run):
         [sys.executable, "-m", "edgeq.cli", "eval", str(run), "--ctx", "4096"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "--ctx 4096 exceeds" in bad.stderr
+
+
+# -- the run dir is written while the codes are produced ------------------------------------------
+def test_rtn_streams_into_a_run_dir_safetensors_reads(tmp_path, bundled_dir):
+    """RTN writes each tensor's codes as soon as they exist (``RunWriter``); the files are ordinary
+    safetensors (read back with the safetensors library) holding exactly the RTN codes, and the float
+    tensors keep the source's dtype and values."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from edgeq.compress.quant import QuantScheme
+    from edgeq.compress.rtn import rtn_quantize
+
+    out = compress(bundled_dir, CompressConfig(bits=3, group_size=64, sym=False), tmp_path / "run")
+    src, run = RunDir.open(bundled_dir), RunDir.open(out)
+    quant, fp = load_file(str(out / "quant.safetensors")), load_file(str(out / "fp.safetensors"))
+    assert len(run.quantized_names()) == 28 and set(fp) == set(src.names()) - set(run.quantized_names())
+    for name in run.quantized_names()[:6]:
+        codes, scales, zeros = rtn_quantize(torch.from_numpy(src.fp_tensor(name).astype(np.float32)),
+                                            QuantScheme(3, 64, False))  # fmt: skip
+        np.testing.assert_array_equal(quant[f"{name}.codes"], codes.numpy())
+        np.testing.assert_array_equal(quant[f"{name}.scales"], scales.numpy())
+        np.testing.assert_array_equal(quant[f"{name}.zeros"], zeros.numpy())
+    for name, arr in fp.items():
+        assert arr.dtype == src.fp_tensor(name).dtype
+        np.testing.assert_array_equal(arr, src.fp_tensor(name))
+
+
+def test_interrupted_rtn_leaves_nothing(tmp_path, bundled_dir, monkeypatch):
+    import edgeq.compress.run as run_mod
+
+    calls = {"n": 0}
+    real = run_mod.quantize_tensor
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # what Ctrl-C mid-run raises
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "quantize_tensor", failing)
+    with pytest.raises(KeyboardInterrupt):
+        compress(bundled_dir, CompressConfig(bits=4, group_size=32), tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_writer_refuses_incomplete_runs(tmp_path, bundled_dir):
+    from edgeq.compress.quant import QuantScheme
+    from edgeq.compress.run import RunWriter
+
+    src = RunDir.open(bundled_dir)
+    name = next(n for n in src.names() if n.endswith("q_proj.weight"))
+    with pytest.raises(RuntimeError, match="left without finish"):
+        with RunWriter(src, tmp_path / "run", {name: QuantScheme(4, 32, True)}):
+            pass
+    with pytest.raises(ValueError, match="declared tensors were never written"):
+        with RunWriter(src, tmp_path / "run", {name: QuantScheme(4, 32, True)}) as writer:
+            writer.finish({})
+    assert list(tmp_path.iterdir()) == []

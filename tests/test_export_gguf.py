@@ -280,31 +280,39 @@ def test_llamacpp_logits_and_greedy_match_torch(make_run, export, token_ids, ggu
 
 def _simulate_llamacpp_activations(model, family_linears: tuple[str, ...]):
     """Round each quantized Linear's input to q8_0 blocks (what ggml's CPU kernels for q8_0 / q4_0
-    weights do: ``vec_dot_type = q8_0``) and the lm_head input to fp16 (the F16 output matmul)."""
+    weights do: ``vec_dot_type = q8_0``) and the lm_head input to fp16 (the F16 output matmul), in the
+    model's own float type."""
     import torch
 
     def q8_0(x):
-        xb = x.float().reshape(*x.shape[:-1], -1, 32)
+        xb = x.reshape(*x.shape[:-1], -1, 32)
         d = xb.abs().amax(-1, keepdim=True) / 127
         v = xb * torch.where(d == 0, torch.zeros_like(d), 1.0 / d)  # ggml: x * (1/d), then roundf
         q = torch.sign(v) * torch.floor(v.abs() + 0.5)
-        return (q * d.half().float()).reshape(x.shape).to(x.dtype)  # d is stored in fp16
+        return (q * d.half().to(x.dtype)).reshape(x.shape)  # d is stored in fp16
 
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             if any(name.endswith(lin) for lin in family_linears):
                 mod.register_forward_pre_hook(lambda m, args: (q8_0(args[0]),))
             elif name.endswith("lm_head"):
-                mod.register_forward_pre_hook(lambda m, args: (args[0].half().float(),))
+                mod.register_forward_pre_hook(lambda m, args: (args[0].half().to(args[0].dtype),))
     return model
 
 
 @pytest.mark.parametrize("gguf_type, bits", [("q8_0", 8), ("q4_0", 4)])
 def test_llamacpp_matches_torch_under_its_activation_rounding(make_run, export, token_ids, gguf_type, bits):
     """With llama.cpp's own activation rounding simulated in torch, the artifact reproduces the run's
-    fake-quant model to about 1e-3 (measured 0.8e-3 q4_0, 1.1e-3 q8_0): most of the 3.5e-3 of the plain
-    comparison is llama.cpp's int8 activations. What remains is chaotic: a last-bit difference anywhere
-    (rope, norm, a rounding tie) flips some int8 roundings downstream, so the bound is 2e-3."""
+    fake-quant model to about 1e-3 (measured 0.8e-3 q4_0, 1.1e-3 q8_0): most of the 3.6e-3 of the plain
+    comparison is llama.cpp's int8 activations.
+
+    What remains is the floor of int8-activation arithmetic itself, not a property of the artifact: a
+    last-bit difference anywhere (rope, norm, summation order) flips some roundings to int8, and the
+    flips cascade through the layers. The same simulation evaluated in float32 and in float64 -- two
+    exact evaluations of the same model -- differ by as much (measured 1.1e-3 q8_0, 1.3e-3 q4_0), so no
+    implementation with int8 activations can match the fake-quant model to 1e-3; llama.cpp sits within
+    that floor.
+    """
     import torch
 
     from edgeq.compress.mappings import FAMILIES
@@ -312,16 +320,20 @@ def test_llamacpp_matches_torch_under_its_activation_rounding(make_run, export, 
 
     run_dir = make_run(bits=bits, group_size=32, sym=True)
     _, _, man = export(run_dir, gguf_type)
-    model = _simulate_llamacpp_activations(load_torch_model(run_dir), FAMILIES["llama"].linears)
-    with torch.no_grad():
-        ref = model(torch.tensor([token_ids])).logits[0].numpy()
+    refs = {}
+    for dtype in (torch.float32, torch.float64):
+        model = _simulate_llamacpp_activations(load_torch_model(run_dir).to(dtype), FAMILIES["llama"].linears)
+        with torch.no_grad():
+            refs[dtype] = model(torch.tensor([token_ids])).logits[0].double().numpy()
     backend = _backend(man, type_k="f32", type_v="f32")
     try:
-        rel = _rel(backend.forward(token_ids), ref)
+        rel = _rel(backend.forward(token_ids), refs[torch.float32])
     finally:
         backend.close()
-    print(f"{gguf_type}: llama.cpp vs torch with simulated activation rounding {rel:.2e}")
-    assert rel <= 2e-3, rel
+    floor = _rel(refs[torch.float32], refs[torch.float64])
+    print(f"{gguf_type}: llama.cpp vs torch with simulated activation rounding {rel:.2e}; f32 vs f64 {floor:.2e}")
+    assert floor >= 3e-4, floor  # the rounding cascade: plain fake-quant f32 vs f64 differ by 2e-7
+    assert rel <= min(2e-3, 2 * floor), (rel, floor)
 
 
 def test_backend_prefill_decode_reset_consistent(make_run, export, token_ids):

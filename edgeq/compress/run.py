@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from edgeq.compress.quant import QuantizedWeight, resolve_scheme
 from edgeq.compress.rtn import _grouped, clip_search, rtn_quantize
 from edgeq.config import CompressConfig
 from edgeq.errors import ConfigError
-from edgeq.rundir import FP_FILE, QUANT_FILE, RUN_FILE, AtomicDir, RunDir
+from edgeq.rundir import FP_FILE, QUANT_FILE, RUN_FILE, AtomicDir, RunDir, SafetensorsWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,6 @@ def _iter(names, desc):
         return tqdm(names, desc=desc, unit="tensor", disable=None, leave=False)
     except ImportError:  # tqdm is in the compress extra, but progress is never required
         return names
-
-
-def rtn_tensors(src: RunDir, config: CompressConfig, scheme_for, device) -> dict[str, QuantizedWeight]:
-    """RTN streams the source one tensor at a time: no calibration, no model in memory."""
-    out = {}
-    for name in _iter(src.names(), f"rtn {config.scheme.label}"):
-        chosen = scheme_for(name)
-        if chosen is not None:
-            out[name] = quantize_tensor(src.fp_tensor(name), chosen, config, device)
-    return out
 
 
 def calibrated_tensors(src: RunDir, config: CompressConfig, scheme_for, device, state_dir, resume):
@@ -110,30 +101,41 @@ def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.Pat
         if (chosen := scheme_for(name)) is not None:
             chosen.groups(src.shape(name)[1])
     t0 = time.time()
-    stats: dict = {}
-    fp_updates: dict[str, np.ndarray] = {}
-    if config.method == "rtn":
-        quantized = rtn_tensors(src, config, scheme_for, device)
+    schemes = {name: chosen for name in src.names() if (chosen := scheme_for(name)) is not None}
+
+    def meta(stats: dict, rel_errors: dict) -> dict:
+        return {
+            "edgeq_version": __version__,
+            "method": config.method,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
+            "scheme": config.scheme.to_dict(),
+            "tensors": {name: schemes[name].to_dict() for name in rel_errors},
+            "source": src.source_info(),
+            "model_type": src.model_type,
+            "timings_s": {"total": time.time() - t0},
+            "blocks": stats,
+            "weight_rel_error": rel_errors,
+            "device": str(device),
+        }
+
+    if config.method == "rtn":  # streams: one source tensor in, its codes out, nothing kept
+        with RunWriter(src, out, schemes) as writer:
+            rel_errors = {}
+            for name in _iter(writer.order, f"rtn {config.scheme.label}"):
+                w = src.fp_tensor(name)
+                qw = quantize_tensor(w, schemes[name], config, device)
+                writer.add(name, qw)
+                rel_errors[name] = _rel_error(w, qw)
+                del w, qw
+            writer.finish(meta({}, rel_errors))
     else:
         quantized, stats, fp_updates = calibrated_tensors(src, config, scheme_for, device, state_dir, resume)
-    meta = {
-        "edgeq_version": __version__,
-        "method": config.method,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
-        "scheme": config.scheme.to_dict(),
-        "tensors": {name: qw.scheme.to_dict() for name, qw in quantized.items()},
-        "source": src.source_info(),
-        "model_type": src.model_type,
-        "timings_s": {"total": time.time() - t0},
-        "blocks": stats,
-        "weight_rel_error": {name: _rel_error(src.fp_tensor(name), qw) for name, qw in quantized.items()},
-        "device": str(device),
-    }
-    write_run(src, quantized, meta, out, fp_updates)
+        rel_errors = {name: _rel_error(src.fp_tensor(name), qw) for name, qw in quantized.items()}
+        write_run(src, quantized, meta(stats, rel_errors), out, fp_updates)
     from edgeq.compress.state import clear_state
 
     clear_state(state_dir)
-    log.info("wrote %s (%d quantized tensors, %.1fs)", out, len(quantized), time.time() - t0)
+    log.info("wrote %s (%d quantized tensors, %.1fs)", out, len(rel_errors), time.time() - t0)
     return out
 
 
@@ -142,26 +144,83 @@ def _rel_error(w: np.ndarray, qw: QuantizedWeight) -> float:
     return float(np.sum((qw.dequantize() - w32) ** 2) / max(float(np.sum(w32**2)), 1e-30))
 
 
+class RunWriter:
+    """Writes a run dir while the codes are produced, one tensor at a time.
+
+    Side files and the float tensors (``fp_updates`` replace source tensors, e.g. norms that AWQ
+    folded scales into) are written on entry; ``add`` appends one quantized tensor's codes, scales
+    and zeros to ``quant.safetensors`` (declared up front from ``schemes``, in source order: see
+    ``SafetensorsWriter``); ``finish`` writes run.json. Everything happens in an ``AtomicDir``, so
+    an interrupted run leaves no run dir behind. The writer holds one tensor at a time: RTN of a
+    7B model no longer keeps 1 byte per weight of codes in memory until the end.
+    """
+
+    def __init__(self, src: RunDir, out: Path, schemes: dict, fp_updates: dict | None = None):
+        self.src, self.out, self.fp_updates = src, Path(out), fp_updates or {}
+        self.order = [n for n in src.names() if n in schemes]
+        if len(self.order) != len(schemes):
+            raise ValueError(f"quantized tensors not in the source model: {sorted(set(schemes) - set(self.order))[:3]}")
+        self.schemes = schemes
+        self._finished = False
+        self._atomic = AtomicDir(self.out)
+        self._quant: SafetensorsWriter | None = None
+
+    def __enter__(self) -> RunWriter:
+        tmp = self._atomic.__enter__()
+        try:
+            for f in self.src.side_files():
+                shutil.copy2(f, tmp / f.name)
+            if not (tmp / "tokenizer.json").exists():  # tokenizer.model only: later stages read tokenizer.json
+                (tmp / "tokenizer.json").write_text(self.src.tokenizer_json(), encoding="utf-8")
+            fp_names = [n for n in self.src.names() if n not in self.schemes]
+            specs = []
+            for n in fp_names:
+                dtype = np.float32 if n in self.fp_updates else self.src.fp_dtype(n)
+                specs.append((n, dtype, self.src.shape(n)))
+            with SafetensorsWriter(tmp / FP_FILE, specs) as fp:
+                for n in fp_names:
+                    fp.write(
+                        n, self.fp_updates[n].astype(np.float32) if n in self.fp_updates else self.src.fp_tensor(n)
+                    )
+            specs = []
+            for n in self.order:
+                rows, cols = self.src.shape(n)
+                groups = self.schemes[n].groups(cols)
+                specs += [(f"{n}.codes", np.uint8, (rows, cols)), (f"{n}.scales", np.float16, (rows, groups)),
+                          (f"{n}.zeros", np.uint8, (rows, groups))]  # fmt: skip
+            self._quant = SafetensorsWriter(tmp / QUANT_FILE, specs)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def add(self, name: str, qw: QuantizedWeight) -> None:
+        assert self._quant is not None
+        self._quant.write(f"{name}.codes", qw.codes)
+        self._quant.write(f"{name}.scales", qw.scales)
+        self._quant.write(f"{name}.zeros", qw.zeros)
+
+    def finish(self, meta: dict) -> None:
+        assert self._quant is not None and self._atomic.tmp is not None
+        self._quant.close()
+        (self._atomic.tmp / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        self._finished = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._quant is not None and not self._finished:
+            self._quant.abandon()
+        if exc_type is None and not self._finished:  # never rename a run dir without run.json into place
+            error = RuntimeError(f"run dir {self.out} was left without finish(); nothing was written")
+            self._atomic.__exit__(RuntimeError, error, None)
+            raise error
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
 def write_run(
     src: RunDir, quantized: dict[str, QuantizedWeight], meta: dict, out: Path, fp_updates: dict | None = None
 ) -> None:
-    """Write the run dir atomically: side files, fp tensors (``fp_updates`` replace source tensors,
-    e.g. norms that AWQ folded scales into), codes/scales/zeros, run.json."""
-    from safetensors.numpy import save_file
-
-    fp_updates = fp_updates or {}
-    fp = {}
-    for n in src.names():
-        if n not in quantized:
-            fp[n] = np.ascontiguousarray(fp_updates[n].astype(np.float32) if n in fp_updates else src.fp_tensor(n))
-    quant = {}
-    for name, qw in quantized.items():
-        quant[f"{name}.codes"], quant[f"{name}.scales"], quant[f"{name}.zeros"] = qw.codes, qw.scales, qw.zeros
-    with AtomicDir(out) as tmp:
-        for f in src.side_files():
-            shutil.copy2(f, tmp / f.name)
-        if not (tmp / "tokenizer.json").exists():  # tokenizer.model only: every later stage reads tokenizer.json
-            (tmp / "tokenizer.json").write_text(src.tokenizer_json(), encoding="utf-8")
-        save_file(fp, str(tmp / FP_FILE))
-        save_file(quant, str(tmp / QUANT_FILE))
-        (tmp / RUN_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    """Write the run dir of codes already in memory (calibrated methods, distillation) atomically."""
+    with RunWriter(src, out, {n: qw.scheme for n, qw in quantized.items()}, fp_updates) as writer:
+        for name in writer.order:
+            writer.add(name, quantized[name])
+        writer.finish(meta)

@@ -26,6 +26,7 @@ class DistillConfig:
     e2e_steps: int = 100  # when the loss names a logit term
     lr: float = 1e-4  # scales / adapter (Adam: an absolute step, scales are ~1e-2)
     lr_weights: float = 1e-5  # latent weights (codes move through the STE)
+    adapter_rank: int = 8  # rank of the low-rank adapter when "adapter" trains (merged into the codes)
     batch_size: int = 4  # the *global* batch: split evenly across processes under torchrun
     saliency: bool = False
     saliency_lambda: float = 0.05
@@ -56,7 +57,7 @@ class DistillConfig:
         for name in ("steps", "e2e_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} is negative; expected 0 or more")
-        for name in ("batch_size", "n_samples", "seq_len", "checkpoint_every", "sw_directions"):
+        for name in ("batch_size", "n_samples", "seq_len", "checkpoint_every", "sw_directions", "adapter_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
 

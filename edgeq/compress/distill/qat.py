@@ -2,14 +2,15 @@
 
 ``QATLinear`` computes ``y = x · W_effᵀ (+ b)`` with
 
-    W_eff = (q − zero) · scale  [+ B·A]          q = codes (fixed)  or  clamp(⌊W/scale⌉ + zero) (STE)
+    W_eff = (q − zero) · scale      q = codes (fixed),  or  clamp(⌊(W [+ B·A]) / scale⌉ + zero) (STE)
 
 and three parameter groups that can be frozen independently, so *partial retraining* is the choice of
 what trains:
 
 * ``scales`` – per-group scales (always representable: the fp16 rounding happens at export);
 * ``weights`` – latent float weights, re-rounded each step with a straight-through estimator (codes move);
-* ``adapter`` – an optional low-rank adapter ``B·A`` (``B`` zero-initialised), merged at export.
+* ``adapter`` – an optional low-rank adapter ``B·A`` (``B`` zero-initialised) added to the weights
+  before rounding (STE), so it is merged into the codes the student computes with.
 
 ``export()`` re-derives integer codes from the trained parameters with the fp16 scales every format
 stores, so the exported artifact reproduces the student exactly as the run dir describes it.
@@ -84,36 +85,35 @@ class QATLinear(nn.Module):
     def quantized_codes(self) -> torch.Tensor:
         """Float codes of the current parameters (differentiable through the STE when codes learn).
 
+        Codes move when the latent weights train (``learn_codes``) or an adapter is present: the
+        forward pass then rounds ``latent (+ B·A)`` onto the grid through the STE, so the student
+        computes with exactly the codes ``export`` writes (an adapter added after rounding would be
+        lost at export, where everything must be integer codes).
+
         The scales enter the rounding detached: through the STE, ``d[round(W/s)·s]/ds`` would be
         ``round(W/s) − W/s``, the rounding residual, which is float noise (~1e-7) while the latent
         weights sit on the grid they start on; Adam normalizes that noise into full-size steps of
         random sign (measured: 1 and 2 processes diverged by 1e-4 relative after one step). Detached,
         the scales' gradient is the codes', as when only scales train.
         """
-        if not self.learn_codes:
+        if not (self.learn_codes or self.rank):
             return self.codes.float()
         s = self._expand(self.scales.detach())
+        zeros = self._expand(self.zeros)
+        latent = self.weight_latent if self.learn_codes else (self.codes.float() - zeros) * s  # on the grid
+        if self.rank:
+            latent = latent + self.lora_b @ self.lora_a
         safe = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)
-        return torch.clamp(round_ste(self.weight_latent / safe) + self._expand(self.zeros), 0, self.scheme.maxq)
+        return torch.clamp(round_ste(latent / safe) + zeros, 0, self.scheme.maxq)
 
     def effective_weight(self) -> torch.Tensor:
-        w = (self.quantized_codes() - self._expand(self.zeros)) * self._expand(self.scales)
-        if self.rank:
-            w = w + self.lora_b @ self.lora_a
-        return w
+        return (self.quantized_codes() - self._expand(self.zeros)) * self._expand(self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes (uint8), fp16 scales and uint8 zeros of the trained layer (adapter merged)."""
-        scales16 = self.scales.detach().half()
-        s = self._expand(scales16.float())
-        if self.rank or self.learn_codes:
-            target = self.effective_weight()  # the float weights the student computed with
-            safe = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)
-            q = torch.clamp(torch.round(target / safe) + self._expand(self.zeros), 0, self.scheme.maxq)
-        else:
-            q = self.codes.float()
-        return q.to(torch.uint8), scales16, self.zeros.to(torch.uint8)
+        """Integer codes (uint8) the student computes with (adapter merged), fp16 scales, uint8 zeros."""
+        q = torch.round(self.quantized_codes()) if (self.rank or self.learn_codes) else self.codes
+        return q.to(torch.uint8), self.scales.detach().half(), self.zeros.to(torch.uint8)

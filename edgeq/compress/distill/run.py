@@ -169,7 +169,7 @@ def _distill(run: RunDir, teacher_path: Path, config: DistillConfig, out: Path, 
     else:  # every block finished before the interruption: restore them, no forward passes needed
         for index, block in enumerate(get_module(student, family.blocks)):
             prefix = family.block_prefix(index)
-            qats = wrap_block(block, family, prefix, quantized)
+            qats = wrap_block(block, family, prefix, quantized, config)
             for q in qats.values():
                 q.set_trainable(config.train)
                 q.freeze()

@@ -67,8 +67,10 @@ def _optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, curve: list[float]
         bar.set_postfix(loss=f"{curve[-1]:.4g}", refresh=False)
 
 
-def wrap_block(block, family: Family, prefix: str, quantized: dict) -> dict[str, QATLinear]:
-    """Replace the block's quantized Linears by QATLinear modules; returns them by path."""
+def wrap_block(block, family: Family, prefix: str, quantized: dict, cfg: DistillConfig) -> dict[str, QATLinear]:
+    """Replace the block's quantized Linears by QATLinear modules (with a ``cfg.adapter_rank`` adapter
+    when the adapter trains); returns them by path."""
+    rank = cfg.adapter_rank if "adapter" in cfg.train else 0
     out = {}
     for path in family.linears:
         full = f"{prefix}{path}.weight"
@@ -76,7 +78,7 @@ def wrap_block(block, family: Family, prefix: str, quantized: dict) -> dict[str,
             continue
         codes, scales, zeros, scheme = quantized[full]
         lin = get_module(block, path)
-        qat = QATLinear(lin.weight.data, codes, scales, zeros, scheme, lin.bias).to(lin.weight.device)
+        qat = QATLinear(lin.weight.data, codes, scales, zeros, scheme, lin.bias, rank=rank).to(lin.weight.device)
         parent_path, _, name = path.rpartition(".")
         setattr(get_module(block, parent_path) if parent_path else block, name, qat)
         out[path] = qat
@@ -236,7 +238,7 @@ def blockwise(
         targets = run_block(t_blocks[index].to(device), x_t, kwargs, device)
         t_blocks[index].to("cpu")
         block = s_blocks[index].to(device)
-        qats = wrap_block(block, family, prefix, quantized)
+        qats = wrap_block(block, family, prefix, quantized, cfg)
         if index < start:
             _restore_block(qats, prefix, cfg, restored or {})
         else:
