@@ -3,8 +3,10 @@
     python benchmarks/distill_table.py [--bits 2 3] [--variants mse mse+sw ...] [--seeds 0 1] [--json OUT]
 
 Start, per seed s: GPTQ (calibration seed s, 64 sequences) at ``bits`` g32. Each variant retrains that
-run (``edgeq.compress.distill``: block-wise, scales trained, ``--steps`` per block, seed s; the KD
-variants add ``--e2e-steps`` end-to-end steps) and is scored on the first 16,384 held-out tokens.
+run (``edgeq.compress.distill`` with DistillConfig's defaults -- block-wise, scales and norms trained,
+128 calibration sequences -- unless ``--train`` / ``--n-samples`` say otherwise; ``--steps`` per block,
+seed s; the KD variants add ``--e2e-steps`` end-to-end steps) and is scored on the first 16,384
+held-out tokens.
 Recovered = (ppl_ptq - ppl_after) / (ppl_ptq - ppl_fp). Prints a Markdown table (mean and range over
 the seeds) last and writes JSON (default benchmarks/distill_table.json).
 """
@@ -35,6 +37,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="Block-wise steps per block.")
     parser.add_argument("--e2e-steps", type=int, default=100, help="End-to-end KD steps (kl/cakld/tsld variants).")
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--train", default=None, help="Parameter groups (default: DistillConfig's, scales,norms).")
+    parser.add_argument("--n-samples", type=int, default=None, help="Distillation samples (default: DistillConfig's).")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("distill_table.json"))
     args = parser.parse_args()
 
@@ -51,6 +55,12 @@ def main() -> None:
     tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
     ids = tok.encode(heldout_text(max_chars=args.eval_tokens * 6), add_special_tokens=False).ids[: args.eval_tokens + 1]
     fp = perplexity(load_torch_model(MODEL_DIR), ids).perplexity
+    extra: dict = {}
+    if args.train:
+        extra["train"] = tuple(args.train.split(","))
+    if args.n_samples:
+        extra["n_samples"] = args.n_samples
+    defaults = DistillConfig(**extra)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
@@ -60,15 +70,16 @@ def main() -> None:
                 ptq = perplexity(load_torch_model(ptq_dir), ids).perplexity
                 for name in args.variants:
                     t0 = time.time()
-                    dcfg = DistillConfig(n_samples=64, seed=seed, steps=args.steps, e2e_steps=args.e2e_steps,
-                                         **VARIANTS[name])  # fmt: skip
+                    dcfg = DistillConfig(seed=seed, steps=args.steps, e2e_steps=args.e2e_steps, **VARIANTS[name],
+                                         **extra)  # fmt: skip
                     out = distill(ptq_dir, dcfg, Path(tmp) / f"d{bits}-{len(rows)}")
                     after = perplexity(load_torch_model(out), ids).perplexity
                     row = {"bits": bits, "seed": seed, "variant": name, "fp": fp, "ptq": ptq, "after": after,
                            "recovered": (ptq - after) / (ptq - fp), "seconds": time.time() - t0}  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    payload = {"steps": args.steps, "e2e_steps": args.e2e_steps, "seeds": args.seeds, "rows": rows}
+    payload = {"steps": args.steps, "e2e_steps": args.e2e_steps, "seeds": args.seeds, "train": list(defaults.train),
+               "n_samples": defaults.n_samples, "rows": rows}  # fmt: skip
     args.json.write_text(json.dumps(payload, indent=1) + "\n")
     print(
         f"| start | variant | ppl PTQ (mean) | ppl after (mean) | recovered: mean (min..max) over seeds {args.seeds} |"

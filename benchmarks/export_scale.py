@@ -21,8 +21,8 @@ tensor (fp32 bytes).
 
 Size: the artifact vs the *ideal* ``bits x params``: every quantized weight at its code bits plus an
 fp16 scale per group (and its zero when asymmetric), every other tensor at fp16 (goal: within 3%);
-and vs the *layout* bytes of the tensors as the format stores them (fp32 scales and fp32 embeddings
-in ONNX), which isolates the writer's own overhead (metadata, tokenizer, protobuf).
+and vs the *layout* bytes of the tensors as the format stores them (per the exporter's labels: e.g.
+fp32 norms in ONNX, fp16 scales), which isolates the writer's own overhead (metadata, tokenizer, protobuf).
 
 Both exporters stream (one tensor in memory at a time). The ONNX export ends with an onnxruntime
 session on the artifact (every op must have a kernel); past 1 GiB of weights that check runs in a
@@ -249,11 +249,12 @@ def layout_bytes(run_dir: Path, fmt: str, types: dict[str, str], scale_bytes: in
         n_params, label = int(np.prod(dims)), types.get(name, "f32" if fmt == "gguf" else "fp32")
         if label in per_32:
             total += n_params // 32 * per_32[label]
-        elif (m := re.match(r"MatMulNBits\(bits=(\d+),block=(\d+)\)", label)) is not None:
+        elif (m := re.match(r"MatMulNBits\(bits=(\d+),block=(\d+)(?:,scales=([^)]*))?\)", label)) is not None:
             bits, block = int(m[1]), int(m[2])
+            per_scale = 2 if m[3] and "fp16" in m[3] else scale_bytes  # fp16, or fp16 behind a Cast to fp32
             blocks = -(-dims[1] // block)
             zp = 0 if run.scheme(name).sym else dims[0] * -(-blocks * bits // 8)  # type: ignore[union-attr]
-            total += dims[0] * blocks * (block * bits // 8 + scale_bytes) + zp  # packed codes + scales
+            total += dims[0] * blocks * (block * bits // 8 + per_scale) + zp  # packed codes + scales
         else:
             total += n_params * (2 if label in ("f16",) or "fp16" in label else 4)  # incl. fp32<-fp16
     return total

@@ -108,10 +108,12 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
 @click.option("--teacher", default=None, help="Teacher model dir (default: the run's source model).")
 @click.option("--loss", default="mse+sw", show_default=True, help="mse[+sw][+kl|+cakld|+tsld].")
 @click.option("--saliency", is_flag=True, help="Saliency-aware schedule: weights -> outputs -> mixed with L_reg.")
-@click.option("--train", default="scales", show_default=True, help="Parameter groups: scales, weights, adapter.")
+@click.option("--train", default="scales,norms", show_default=True,
+              help="Parameter groups: scales, weights (codes move), adapter (merged into codes), norms.")  # fmt: skip
 @click.option("--steps", type=int, default=400, show_default=True, help="Training steps per block.")
 @click.option("--e2e-steps", type=int, default=100, show_default=True, help="End-to-end KD steps (logit losses).")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of scales and adapters.")
+@click.option("--lr-norms", type=float, default=1e-3, show_default=True, help="Learning rate of the norm weights.")
 @click.option("--adapter-rank", type=int, default=8, show_default=True, help="Rank of the adapter (--train adapter).")
 @click.option("--sw-weight", type=float, default=0.1, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Global batch (split over processes).")
@@ -126,8 +128,8 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
               help="Processes: >1 relaunches this command under torchrun (data parallel, gloo on CPU).")  # fmt: skip
 @click.option("--fsdp", is_flag=True, help="Shard the end-to-end student with FSDP (needs --nproc > 1 / torchrun).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run dir to write.")
-def distill(run_dir, teacher, loss, saliency, train, steps, e2e_steps, lr, adapter_rank, sw_weight, batch_size, calib,
-            n_samples, seq_len, seed, device, resume, checkpoint_every, nproc, fsdp, out) -> None:  # fmt: skip
+def distill(run_dir, teacher, loss, saliency, train, steps, e2e_steps, lr, lr_norms, adapter_rank, sw_weight, batch_size,
+            calib, n_samples, seq_len, seed, device, resume, checkpoint_every, nproc, fsdp, out) -> None:  # fmt: skip
     """Recover a quantized RUN_DIR's accuracy by block-wise reconstruction (+ end-to-end KD).
 
     Data parallel: `--nproc N`, or launch it yourself with `torchrun --nproc-per-node N -m edgeq distill ...`.
@@ -136,7 +138,7 @@ def distill(run_dir, teacher, loss, saliency, train, steps, e2e_steps, lr, adapt
 
     cfg = DistillConfig(
         loss=loss, sw_weight=sw_weight, train=tuple(t.strip() for t in train.split(",") if t.strip()), steps=steps,
-        e2e_steps=e2e_steps, lr=lr, adapter_rank=adapter_rank, batch_size=batch_size, saliency=saliency, calib=calib,
+        e2e_steps=e2e_steps, lr=lr, lr_norms=lr_norms, adapter_rank=adapter_rank, batch_size=batch_size, saliency=saliency, calib=calib,
         n_samples=n_samples,
         seq_len=seq_len, seed=seed, device=device, fsdp=fsdp, checkpoint_every=checkpoint_every,
     )  # fmt: skip

@@ -100,6 +100,12 @@ def _assert_same_training(reference: Path, other: Path, ptq: Path) -> None:
         total += sa.size
     assert same > 0.995 * total, same / total  # fp16 rounding of float32 values ~1e-7 apart: rarely differs
     assert moved > 0.5 * total, moved / total  # training did move the scales: the comparison is not vacuous
+    norms = [n for n in a.fp_names() if "layernorm" in n]  # the default trains the blocks' norms too
+    assert len(norms) == 8
+    for name in norms:
+        na, nb = a.fp_tensor(name), b.fp_tensor(name)
+        np.testing.assert_allclose(nb, na, rtol=1e-4, atol=1e-6, err_msg=name)
+        assert not np.array_equal(na, parent.fp_tensor(name)), name
 
 
 def test_two_processes_ddp_match_one_process(ptq, calib, one_process, tmp_path):
@@ -147,6 +153,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(ptq, calib, one_process, tmp_pa
     distill(ptq, cfg, out, resume=True)
     assert not (tmp_path / "d.state").exists()
     assert (out / "quant.safetensors").read_bytes() == (one_process / "quant.safetensors").read_bytes()
+    assert (out / "fp.safetensors").read_bytes() == (one_process / "fp.safetensors").read_bytes()  # trained norms
     assert _curves(out) == _curves(one_process)
 
 

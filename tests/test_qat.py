@@ -117,3 +117,21 @@ def test_blockwise_distillation_reduces_the_2bit_gap(make_run, bundled_dir, tmp_
     assert (out / "loss_curves.png").stat().st_size > 0
     d = RunDir.open(out)
     assert d.meta["method"] == "gptq+distill" and d.quantized(d.quantized_names()[0]).codes.max() <= 3
+
+
+def test_norms_group_trains_the_block_norms_and_writes_them(make_run, tmp_path):
+    """``--train scales,norms``: the blocks' RMSNorm weights move and the run dir carries them (float32)."""
+    import numpy as np
+
+    from edgeq.compress.distill.run import distill
+    from edgeq.rundir import RunDir
+
+    run = make_run(method="gptq", bits=2, group_size=32, sym=True, n_samples=32)
+    cfg = DistillConfig(loss="mse", train=("scales", "norms"), steps=10, n_samples=8)
+    out, src = RunDir.open(distill(run, cfg, tmp_path / "norms")), RunDir.open(run)
+    norms = [n for n in out.fp_names() if "layernorm" in n]
+    assert len(norms) == 8  # input_layernorm + post_attention_layernorm in each of 4 blocks
+    for name in norms:
+        assert out.fp_dtype(name) == np.float32
+        assert not np.array_equal(out.fp_tensor(name), src.fp_tensor(name)), name
+    assert np.array_equal(out.fp_tensor("model.norm.weight"), src.fp_tensor("model.norm.weight"))  # not in a block

@@ -28,6 +28,8 @@ _OPTIONS = {
     "steps": "--steps",
     "e2e_steps": "--e2e-steps",
     "lr": "--lr",
+    "lr_norms": "--lr-norms",
+    "adapter_rank": "--adapter-rank",
     "batch_size": "--batch-size",
     "calib": "--calib",
     "n_samples": "--n-samples",

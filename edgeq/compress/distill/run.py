@@ -136,7 +136,7 @@ def distill(
 
 def _distill(run: RunDir, teacher_path: Path, config: DistillConfig, out: Path, resume: bool, ctx) -> Path:
     from edgeq.compress.calibration import calibration_ids, get_module, read_calibration_texts
-    from edgeq.compress.distill.trainer import blockwise, compute_saliency, wrap_block
+    from edgeq.compress.distill.trainer import blockwise, compute_saliency, qat_groups, trained_modules, wrap_block
     from edgeq.compress.model import load_torch_model
 
     family = family_for(run.config)
@@ -170,10 +170,11 @@ def _distill(run: RunDir, teacher_path: Path, config: DistillConfig, out: Path, 
         for index, block in enumerate(get_module(student, family.blocks)):
             prefix = family.block_prefix(index)
             qats = wrap_block(block, family, prefix, quantized, config)
+            modules = trained_modules(block, qats, config)
             for q in qats.values():
-                q.set_trainable(config.train)
+                q.set_trainable(qat_groups(config))
                 q.freeze()
-            ckpt.restore_tensors({f"{prefix}{p}": q for p, q in qats.items()}, state.params)
+            ckpt.restore_tensors({f"{prefix}{p}": m for p, m in modules.items()}, state.params)
     if config.logit_term and config.e2e_steps > 0:
         curves = _end_to_end(teacher_model, student, ids, config, ctx, state, curves, saver, n_blocks)
     if ctx.is_main:
@@ -199,8 +200,20 @@ def _end_to_end(teacher_model, student, ids, config, ctx, state, curves, saver, 
         saver.e2e_step(step, {**curves, key: curve}, qats, opt, n_blocks)
 
     curve = end_to_end(teacher_model, student, ids, config, ctx, start, curves.get(key) if start else None,
-                       restore_optim, on_checkpoint)  # fmt: skip
+                       restore_optim, on_checkpoint, _norms(student, config))  # fmt: skip
     return {**curves, key: curve}
+
+
+def _norms(student, config: DistillConfig) -> dict:
+    """The trained norm layers by full path (empty unless "norms" trains)."""
+    from edgeq.compress.calibration import get_module
+    from edgeq.compress.distill.trainer import block_norms
+
+    if "norms" not in config.train:
+        return {}
+    family = family_for(student.config.to_dict())
+    blocks = get_module(student, family.blocks)
+    return {f"{family.block_prefix(i)}{n}": m for i, blk in enumerate(blocks) for n, m in block_norms(blk).items()}
 
 
 def _write(run: RunDir, student, config: DistillConfig, curves: dict, out: Path, t0: float) -> None:
@@ -218,7 +231,8 @@ def _write(run: RunDir, student, config: DistillConfig, curves: dict, out: Path,
         timings_s={**run.meta.get("timings_s", {}), "distill": time.time() - t0},
     )
     meta["config"] = {**run.meta.get("config", {}), "distill": meta["distill"]}
-    write_run(run, quantized, meta, out)
+    norms = {f"{path}.weight": m.weight.detach().cpu().float().numpy() for path, m in _norms(student, config).items()}
+    write_run(run, quantized, meta, out, norms)
     plot_curves(curves, out / "loss_curves.png")
     tmp = out / ".distill.json.tmp"
     tmp.write_text(json.dumps({"curves": curves}, indent=1) + "\n")

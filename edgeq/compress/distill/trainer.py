@@ -33,6 +33,7 @@ from edgeq.compress.calibration import capture_block_inputs, get_module, run_blo
 from edgeq.compress.distill import losses as L
 from edgeq.compress.distill.config import BLOCK_TERMS, LOGIT_TERMS, DistillConfig
 from edgeq.compress.distill.dist import DistContext
+from edgeq.compress.distill.qat import GROUPS as QAT_GROUPS
 from edgeq.compress.distill.qat import QATLinear
 from edgeq.compress.mappings import Family
 from edgeq.errors import ConfigError
@@ -85,11 +86,27 @@ def wrap_block(block, family: Family, prefix: str, quantized: dict, cfg: Distill
     return out
 
 
+def qat_groups(cfg: DistillConfig) -> tuple[str, ...]:
+    """The parameter groups of ``cfg.train`` that live in the QATLinear layers."""
+    return tuple(g for g in cfg.train if g in QAT_GROUPS)
+
+
+def block_norms(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The block's normalization layers by path (``input_layernorm``, ``post_attention_layernorm``, and
+    ``q_norm`` / ``k_norm`` where a family has them): the ``norms`` group. Their weights are float
+    tensors the run dir stores as they are, so training them keeps the export exact."""
+    return {
+        path: m
+        for path, m in block.named_modules()
+        if path and "norm" in path.rsplit(".", 1)[-1].lower() and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
+
+
 def _optimizer(module: torch.nn.Module, qats: dict[str, QATLinear], cfg: DistillConfig) -> torch.optim.Optimizer:
-    for p in module.parameters():  # norms and the like stay fixed: no gradients computed or synced
+    for p in module.parameters():  # everything else stays fixed: no gradients computed or synced
         p.requires_grad_(False)
     for q in qats.values():
-        q.set_trainable(cfg.train)
+        q.set_trainable(qat_groups(cfg))
     groups = [{"params": [q.scales for q in qats.values() if q.scales.requires_grad], "lr": cfg.lr}]
     weights = [q.weight_latent for q in qats.values() if q.weight_latent.requires_grad]
     if weights:
@@ -97,6 +114,11 @@ def _optimizer(module: torch.nn.Module, qats: dict[str, QATLinear], cfg: Distill
     adapters = [p for q in qats.values() if q.rank for p in (q.lora_a, q.lora_b) if p.requires_grad]
     if adapters:
         groups.append({"params": adapters, "lr": cfg.lr})
+    if "norms" in cfg.train:
+        norms = [m.weight for m in block_norms(module).values()]
+        for p in norms:
+            p.requires_grad_(True)
+        groups.append({"params": norms, "lr": cfg.lr_norms})
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError(f"--train {','.join(cfg.train)} leaves nothing to train in this block; include scales")
@@ -239,17 +261,20 @@ def blockwise(
         t_blocks[index].to("cpu")
         block = s_blocks[index].to(device)
         qats = wrap_block(block, family, prefix, quantized, cfg)
+        modules = trained_modules(block, qats, cfg)
         if index < start:
-            _restore_block(qats, prefix, cfg, restored or {})
+            _restore_block(qats, modules, prefix, cfg, restored or {})
         else:
             block_sal = None
             if saliency is not None:
                 block_sal = {p: saliency[f"{prefix}{p}.weight"].to(device) for p in qats}
             with torch.enable_grad():
                 curves[f"block {index}"] = train_block(block, qats, x_s, targets, kwargs, cfg, block_sal, ctx, index)
+        for p in block.parameters():
+            p.requires_grad_(False)
         for q in qats.values():
             q.freeze()
-        trained.update({f"{prefix}{p}": q for p, q in qats.items()})
+        trained.update({f"{prefix}{p}": m for p, m in modules.items()})
         x_s = run_block(block, x_s, kwargs, device)
         s_blocks[index] = block.to("cpu")
         x_t = targets
@@ -263,12 +288,19 @@ def blockwise(
     return curves
 
 
-def _restore_block(qats: dict[str, QATLinear], prefix: str, cfg: DistillConfig, restored: dict) -> None:
+def trained_modules(block, qats: dict[str, QATLinear], cfg: DistillConfig) -> dict[str, torch.nn.Module]:
+    """The block's modules whose parameters training changes (checkpointed and restored): its QATLinear
+    layers, and its norms when they train."""
+    return {**qats, **(block_norms(block) if "norms" in cfg.train else {})}
+
+
+def _restore_block(qats: dict[str, QATLinear], modules: dict, prefix: str, cfg: DistillConfig, restored: dict) -> None:
     from edgeq.compress.distill.checkpoint import restore_tensors
 
     for q in qats.values():
-        q.set_trainable(cfg.train)  # the same learn_codes state as after training
-    restore_tensors({f"{prefix}{p}": q for p, q in qats.items()}, restored)
+        q.set_trainable(qat_groups(cfg))  # the same learn_codes state as after training
+        q.freeze()
+    restore_tensors({f"{prefix}{p}": m for p, m in modules.items()}, restored)
 
 
 def logit_loss(term: str, s_logits, t_logits, labels, ctx: DistContext) -> torch.Tensor:
@@ -296,12 +328,16 @@ def end_to_end(
     curve: list[float] | None = None,
     restore_optim: Callable[[torch.optim.Optimizer], None] | None = None,
     on_checkpoint: E2ECheckpoint | None = None,
+    norms: dict[str, torch.nn.Module] | None = None,
 ) -> list[float]:
-    """Logit distillation of the whole student (scales only) on the teacher's logits."""
+    """Logit distillation of the whole student (scales only) on the teacher's logits.
+
+    ``norms``: the norm layers block-wise training changed (by full path), saved in checkpoints."""
     from edgeq.compress.distill import fsdp as fsdp_mod
 
     device, term = ctx.device, cfg.logit_term
     qats = {path: m for path, m in student.named_modules() if isinstance(m, QATLinear)}
+    saved = {**qats, **(norms or {})}  # a checkpoint holds the trained layers and the norms block-wise moved
     for p in student.parameters():
         p.requires_grad_(False)
     for q in qats.values():
@@ -327,7 +363,7 @@ def end_to_end(
         _optimize(opt, loss, curve, bar, ctx)
         done = step + 1
         if on_checkpoint is not None and done < cfg.e2e_steps and done % cfg.checkpoint_every == 0:
-            on_checkpoint(done, curve, qats, opt)
+            on_checkpoint(done, curve, saved, opt)
     if bar is not None:
         bar.close()
     if cfg.fsdp:
