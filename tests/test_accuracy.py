@@ -84,12 +84,15 @@ def test_gptq_halves_the_rtn_gap_at_low_bits(ppl, bits):
 
 
 @pytest.mark.slow
-def test_gptq_no_worse_than_rtn_at_4_bit_per_channel(ppl):
-    rtn = paired_gap(ppl(bits=4, group_size=-1, sym=True), ppl())["gap"]
-    assert _mean_gap(ppl, [0, 1], method="gptq", bits=4, group_size=-1, sym=True) <= rtn
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_gptq_no_worse_than_rtn_at_4_bit_coarse_groups(ppl, group_size):
+    rtn = paired_gap(ppl(bits=4, group_size=group_size, sym=True), ppl())["gap"]
+    assert _mean_gap(ppl, [0, 1], method="gptq", bits=4, group_size=group_size, sym=True) <= rtn
 
 
 @pytest.mark.slow
-def test_awq_beats_rtn_at_3_bit_g32(ppl):
-    rtn = paired_gap(ppl(bits=3, group_size=32, sym=True), ppl())["gap"]
-    assert _mean_gap(ppl, [0, 1], method="awq", bits=3, group_size=32, sym=True) < rtn
+@pytest.mark.parametrize("bits, group_size", [(3, 32), (4, -1)])
+def test_awq_beats_rtn(ppl, bits, group_size):
+    """At 3-bit g32 and 4-bit per-channel (ptq_table: 0.376 vs 0.674 and 0.178 vs 0.211, 3 seeds)."""
+    rtn = paired_gap(ppl(bits=bits, group_size=group_size, sym=True), ppl())["gap"]
+    assert _mean_gap(ppl, [0, 1], method="awq", bits=bits, group_size=group_size, sym=True) < rtn
