@@ -229,7 +229,11 @@ def test_a_capped_run_that_fits_records_the_cap_and_the_pinned_cpus(capped_fit, 
     env = r["environment"]
     assert env["usable_cores"] == 1 and env["threads"] == 1 and r["plan"]["threads"] == 1
     assert r["memory"]["peak_rss_mb"] * MIB < 2**30
-    assert 0 < caps["peak_rss_polled_bytes"] <= r["memory"]["vm_hwm_mb"] * MIB + 1  # the host saw the runtime's
+    # the host polls the child's VmHWM until it exits: it sees the runtime's peak, plus the few MB the runtime
+    # allocates after reading its own VmHWM (writing the result; 60.0 vs 63.0 MB seen under load), and it can
+    # only miss a peak inside the last poll interval before exit
+    hwm = r["memory"]["vm_hwm_mb"] * MIB
+    assert 0.8 * hwm <= caps["peak_rss_polled_bytes"] <= 1.2 * hwm, (caps["peak_rss_polled_bytes"], hwm)
 
 
 def test_a_capped_run_that_runs_out_of_memory_is_a_result_with_the_numbers(artifacts):
