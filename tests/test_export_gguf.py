@@ -300,11 +300,11 @@ def test_llamacpp_matches_torch_under_its_activation_rounding(make_run, export, 
     _, result, man = export(run_dir, gguf_type)
     refs = {}
     for dtype in (torch.float32, torch.float64):
-        model = load_torch_model(run_dir).to(dtype)
+        model = load_torch_model(run_dir).to(dtype)  # (n_ubatch 16 below: the int8 kernels on any build)
         assert simulate_llamacpp_activations(model, result["tensor_types"]) == 28 + 1  # 7 Linears x 4 + lm_head
         with torch.no_grad():
             refs[dtype] = model(torch.tensor([token_ids])).logits[0].double().numpy()
-    backend = _backend(man, type_k="f32", type_v="f32")
+    backend = _backend(man, type_k="f32", type_v="f32", n_batch=16, n_ubatch=16)
     try:
         rel = _rel(backend.forward(token_ids), refs[torch.float32])
     finally:
@@ -504,3 +504,44 @@ def test_manifest_parity_separates_llamacpp_arithmetic_from_the_artifact(make_ru
         make_run(bits=4, group_size=32, sym=True), ExportConfig(format="gguf", type="f32"), tmp_path / "f.gguf"
     )
     assert "fake_quant_llamacpp_arithmetic" not in f32.parity  # nothing to simulate: f32 matmuls
+
+
+def _llama_cpp_has_blas() -> bool:
+    import llama_cpp
+
+    return any((Path(llama_cpp.__file__).parent / "lib").glob("libggml-blas.so*"))
+
+
+def test_repack_option_is_applied_and_reported(make_run, export, token_ids):
+    _, _, man = export(make_run(bits=4, group_size=32, sym=True), "q4_0")
+    logits = {}
+    for repack in (True, False):
+        backend = _backend(man, type_k="f32", type_v="f32", repack=repack)
+        try:
+            assert backend.info()["repack"] is repack
+            logits[repack] = backend.forward(token_ids)
+        finally:
+            backend.close()
+    # the same int8-activation kernels in either layout on the default build; exact f32 on a BLAS build
+    assert _rel(logits[False], logits[True]) < 1e-2
+
+
+@pytest.mark.skipif(
+    not _llama_cpp_has_blas(),
+    reason="llama-cpp-python was built without a BLAS backend (no libggml-blas.so); build it with "
+    'CMAKE_ARGS="-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS" and libopenblas-dev to run this check',
+)
+@pytest.mark.parametrize("gguf_type, bits", [("q8_0", 8), ("q4_0", 4)])
+def test_blas_build_computes_block_types_exactly(make_run, export, token_ids, gguf_type, bits):
+    """With a BLAS backend llama.cpp dequantizes q8_0 / q4_0 weights into f32 matmuls for prompt batches
+    (>= 32 tokens) -- for weights in the plain layout, hence ``repack=False``: then the artifact's logits
+    equal the fake-quant model's (measured 3.5e-7), the exactness the int8-activation kernels hide."""
+    run_dir = make_run(bits=bits, group_size=32, sym=True)
+    _, _, man = export(run_dir, gguf_type)
+    backend = _backend(man, type_k="f32", type_v="f32", repack=False)
+    try:
+        rel = _rel(backend.forward(token_ids), _torch_logits(run_dir, token_ids))
+    finally:
+        backend.close()
+    print(f"{gguf_type} on a BLAS build, plain layout: llama.cpp vs fake-quant {rel:.2e}")
+    assert rel <= 1e-5, rel

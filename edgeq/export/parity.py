@@ -119,7 +119,9 @@ def _llamacpp_arithmetic(manifest: Manifest, run: RunDir, inputs: list[int], tar
     from edgeq.runtime.backends import open_backend
     from edgeq.runtime.backends.base import BackendOptions
 
-    backend = open_backend(manifest, BackendOptions(provider_options={"type_k": "f32", "type_v": "f32"}))
+    # micro-batches under 32 tokens: a BLAS-enabled build would otherwise compute them in f32 (exactly)
+    opts = {"type_k": "f32", "type_v": "f32", "n_batch": 16, "n_ubatch": 16}
+    backend = open_backend(manifest, BackendOptions(provider_options=opts))
     try:
         backend.reset()
         art = backend.forward(inputs)

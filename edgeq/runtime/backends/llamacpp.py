@@ -14,7 +14,11 @@ rewinds a counter (the KV cache is trimmed lazily by the next ``eval``), so ``re
 context's memory with ``llama_memory_clear``: a fresh sequence, whatever is called next.
 
 ``BackendOptions.provider_options`` may carry llama.cpp context settings: ``n_batch``, ``n_ubatch``,
-``type_k`` / ``type_v`` (KV cache type: ``f16`` default, ``f32``, ``q8_0``), ``flash_attn`` (bool).
+``type_k`` / ``type_v`` (KV cache type: ``f16`` default, ``f32``, ``q8_0``), ``flash_attn`` (bool), and
+``repack`` (bool, default true: llama.cpp's "extra buffer types", which repack q4_0 weights into
+interleaved CPU layouts; ``false`` keeps the plain layout, which a BLAS-enabled build can then dequantize
+into f32 matmuls for prompt batches: on the bundled model q4_0 and q8_0 prefill logits then equal the
+fake-quant model to 3.5e-7 instead of 3.6e-3, see benchmarks/gguf_float_path.py).
 ``BackendOptions.threads`` None means one thread per physical core for decode and prompt batches alike
 (onnxruntime's default, so both backends are measured on equal terms; llama-cpp-python's own default
 would use half the logical CPUs for decode); ``info()`` records the threads actually used.
@@ -22,6 +26,7 @@ would use half the logical CPUs for decode); ``info()`` records the threads actu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -39,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # GGML_TYPE_* (ggml.h)
 _KV_NAMES = {v: k for k, v in _KV_TYPES.items()}
-_CONTEXT_OPTIONS = ("n_batch", "n_ubatch", "type_k", "type_v", "flash_attn")
+_CONTEXT_OPTIONS = ("n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "repack")
 
 
 def _import_llama_cpp():
@@ -70,6 +75,7 @@ class LlamaCppBackend:
         self._n_batch = 0
         self._n_vocab = 0
         self._n_ctx = 0
+        self._repack = True
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _context_kwargs(self) -> dict:
@@ -98,14 +104,16 @@ class LlamaCppBackend:
         lib = _import_llama_cpp()
         self.close()  # a second load() starts over instead of leaking the first context
         kwargs = self._context_kwargs()
+        repack = bool(self.options.provider_options.get("repack", True))
         try:
-            llm = lib.Llama(str(self.model_file), logits_all=False, verbose=False, **kwargs)
+            with _model_params(lib, use_extra_bufts=repack):
+                llm = lib.Llama(str(self.model_file), logits_all=False, verbose=False, **kwargs)
         except (ValueError, RuntimeError) as exc:
             raise BackendError(
                 f"llama.cpp could not load {self.model_file} ({exc}); expected a GGUF file written by "
                 "`edgeq export --format gguf` — re-export it, or upgrade llama-cpp-python"
             ) from None
-        self._llm, self._lib = llm, lib
+        self._llm, self._lib, self._repack = llm, lib, repack
         self._n_batch = llm.n_batch
         self._n_vocab = llm.n_vocab()
         self._n_ctx = int(llm.n_ctx())
@@ -209,9 +217,32 @@ class LlamaCppBackend:
             "n_ubatch": int(params.n_ubatch),
             "type_k": _KV_NAMES.get(int(params.type_k), int(params.type_k)),
             "type_v": _KV_NAMES.get(int(params.type_v), int(params.type_v)),
+            "repack": self._repack,
             "system_info": lib.llama_print_system_info().decode("utf-8", "replace").strip(),
             "model_file": self.model_file.name,
         }
+
+
+@contextlib.contextmanager
+def _model_params(lib, **fields):
+    """While a ``Llama`` is constructed, llama.cpp's default model params carry ``fields`` (the bindings'
+    constructor exposes no ``use_extra_bufts``; it reads ``llama_model_default_params()``)."""
+    low = lib.llama_cpp
+    original = low.llama_model_default_params
+    known = {name for name, _ in original()._fields_}
+
+    def patched():
+        params = original()
+        for key, value in fields.items():
+            if key in known:
+                setattr(params, key, value)
+        return params
+
+    low.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = original
 
 
 def _physical_cores() -> int:
