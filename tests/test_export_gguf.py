@@ -515,8 +515,8 @@ def _llama_cpp_has_blas() -> bool:
 def test_repack_option_is_applied_and_reported(make_run, export, token_ids):
     _, _, man = export(make_run(bits=4, group_size=32, sym=True), "q4_0")
     logits = {}
-    for repack in (True, False):
-        backend = _backend(man, type_k="f32", type_v="f32", repack=repack)
+    for repack, given in ((True, True), (False, "false")):  # a plan may carry the option as a string
+        backend = _backend(man, type_k="f32", type_v="f32", repack=given)
         try:
             assert backend.info()["repack"] is repack
             logits[repack] = backend.forward(token_ids)

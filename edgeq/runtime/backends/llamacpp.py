@@ -94,7 +94,7 @@ class LlamaCppBackend:
                         f"{key}={extra[key]!r} is not a KV cache type; expected one of {sorted(_KV_TYPES)}"
                     )
                 kwargs[key] = _KV_TYPES[extra[key]]
-        kwargs["flash_attn"] = bool(extra.get("flash_attn", False))
+        kwargs["flash_attn"] = _flag(extra.get("flash_attn", False))
         threads = self.options.threads or _physical_cores()
         kwargs["n_threads"] = kwargs["n_threads_batch"] = int(threads)
         return kwargs
@@ -104,7 +104,7 @@ class LlamaCppBackend:
         lib = _import_llama_cpp()
         self.close()  # a second load() starts over instead of leaking the first context
         kwargs = self._context_kwargs()
-        repack = bool(self.options.provider_options.get("repack", True))
+        repack = _flag(self.options.provider_options.get("repack", True))
         try:
             with _model_params(lib, use_extra_bufts=repack):
                 llm = lib.Llama(str(self.model_file), logits_all=False, verbose=False, **kwargs)
@@ -221,6 +221,13 @@ class LlamaCppBackend:
             "system_info": lib.llama_print_system_info().decode("utf-8", "replace").strip(),
             "model_file": self.model_file.name,
         }
+
+
+def _flag(value: object) -> bool:
+    """A boolean option given as a bool, a number or a string ("false", "off", "0", "no" are false)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "off", "no")
+    return bool(value)
 
 
 @contextlib.contextmanager
