@@ -243,6 +243,14 @@ class RunDir:
     def side_files(self) -> list[Path]:
         return [self.path / f for f in MODEL_SIDE_FILES if (self.path / f).exists()]
 
+    def copy_side_files(self, dest: Path) -> None:
+        """Copy config and tokenizer files into ``dest``, with a ``tokenizer.json`` even where the model
+        ships only ``tokenizer.model`` (every later stage, and the device runtime, tokenizes with it)."""
+        for f in self.side_files():
+            shutil.copy2(f, dest / f.name)
+        if not (dest / "tokenizer.json").exists():
+            (dest / "tokenizer.json").write_text(self.tokenizer_json(), encoding="utf-8")
+
     def tokenizer_json(self) -> str:
         """The model's Hugging Face fast-tokenizer JSON: ``tokenizer.json``, or -- for a checkpoint that
         ships only SentencePiece's ``tokenizer.model`` (older Llama/Mistral repos) -- the fast tokenizer

@@ -24,6 +24,7 @@ import pytest
 from edgeq.devices.local import EDGEQ_SOURCE_ROOT, LocalTransport, bench_local
 from edgeq.devices.transport import Transport, last_line
 from edgeq.errors import BackendError, ConfigError, DeviceError
+from edgeq.runtime.energy import open_rapl
 from edgeq.runtime.metrics import (
     MIB,
     GenerationTiming,
@@ -34,7 +35,6 @@ from edgeq.runtime.metrics import (
     current_rss_bytes,
     latency_stats,
     measure_generation,
-    open_rapl,
     reset_peak_rss,
     roofline,
     ru_maxrss_bytes,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -97,11 +96,10 @@ def compress(model: str | os.PathLike, config: CompressConfig, out: str | os.Pat
     def scheme_for(name: str):
         return resolve_scheme(name, config.scheme, overrides) if family.quantizable(name) else None
 
-    for name in src.names():  # refuse a group size that does not divide before any work
-        if (chosen := scheme_for(name)) is not None:
-            chosen.groups(src.shape(name)[1])
-    t0 = time.time()
     schemes = {name: chosen for name in src.names() if (chosen := scheme_for(name)) is not None}
+    for name, chosen in schemes.items():  # refuse a group size that does not divide before any work
+        chosen.groups(src.shape(name)[1])
+    t0 = time.time()
 
     def meta(stats: dict, rel_errors: dict) -> dict:
         return {
@@ -168,10 +166,7 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         tmp = self._atomic.__enter__()
         try:
-            for f in self.src.side_files():
-                shutil.copy2(f, tmp / f.name)
-            if not (tmp / "tokenizer.json").exists():  # tokenizer.model only: later stages read tokenizer.json
-                (tmp / "tokenizer.json").write_text(self.src.tokenizer_json(), encoding="utf-8")
+            self.src.copy_side_files(tmp)
             fp_names = [n for n in self.src.names() if n not in self.schemes]
             specs = []
             for n in fp_names:

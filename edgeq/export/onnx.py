@@ -599,10 +599,7 @@ def export_onnx(run: RunDir, precision: str, out_dir: Path, accuracy_level: int 
         shutil.rmtree(work, ignore_errors=True)
     t_write = time.perf_counter() - t0 - t_graph
     checked = validate(out_dir / MODEL_FILE, mat.weight_bytes)
-    for f in run.side_files():
-        shutil.copy2(f, out_dir / f.name)
-    if not (out_dir / "tokenizer.json").exists():  # the device runtime tokenizes with tokenizer.json
-        (out_dir / "tokenizer.json").write_text(run.tokenizer_json(), encoding="utf-8")
+    run.copy_side_files(out_dir)
     opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
     info = {
         "tensors": {name: labels[name] for name in run.names() if name in labels},

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.export.gguf import BLOCK_TYPES
 from edgeq.export.manifest import Manifest
 from edgeq.rundir import RunDir
 
@@ -69,9 +70,6 @@ def torch_logits(model_path: Path, ids: list[int], gguf_types: dict[str, str] | 
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
-
-
 def simulate_llamacpp_activations(model, gguf_types: dict[str, str]) -> int:
     """Round each Linear's input as ggml's CPU matmul does for its weight's GGUF type, in the model's float
     type: q8_0 / q4_0 / q4_1 weights -> activations to int8 blocks of 32 with an fp16 scale (``d = amax / 127``,
@@ -114,19 +112,23 @@ def parity_tokens(run: RunDir, n_tokens: int) -> list[int]:
     return ids[: min(n_tokens + 1, n_ctx)]
 
 
-def _llamacpp_arithmetic(manifest: Manifest, run: RunDir, inputs: list[int], targets, types: dict) -> dict:
-    """The artifact (f32 KV cache) against the fake-quant model with llama.cpp's activation rounding."""
+def _artifact_logits(manifest: Manifest, inputs: list[int], provider_options: dict | None = None) -> np.ndarray:
+    """The artifact's logits for ``inputs`` (one fresh sequence), computed by the real client."""
     from edgeq.runtime.backends import open_backend
     from edgeq.runtime.backends.base import BackendOptions
 
-    # micro-batches under 32 tokens: a BLAS-enabled build would otherwise compute them in f32 (exactly)
-    opts = {"type_k": "f32", "type_v": "f32", "n_batch": 16, "n_ubatch": 16}
-    backend = open_backend(manifest, BackendOptions(provider_options=opts))
+    backend = open_backend(manifest, BackendOptions(provider_options=dict(provider_options or {})))
     try:
         backend.reset()
-        art = backend.forward(inputs)
+        return backend.forward(inputs)
     finally:
         backend.close()
+
+
+def _llamacpp_arithmetic(manifest: Manifest, run: RunDir, inputs: list[int], targets, types: dict) -> dict:
+    """The artifact (f32 KV cache) against the fake-quant model with llama.cpp's activation rounding."""
+    # micro-batches under 32 tokens: a BLAS-enabled build would otherwise compute them in f32 (exactly)
+    art = _artifact_logits(manifest, inputs, {"type_k": "f32", "type_v": "f32", "n_batch": 16, "n_ubatch": 16})
     out = compare_logits(art, torch_logits(run.path, inputs, types), targets)
     out["note"] = (
         "artifact with an f32 KV cache vs the run's fake-quant model with llama.cpp's CPU activation rounding "
@@ -137,16 +139,9 @@ def _llamacpp_arithmetic(manifest: Manifest, run: RunDir, inputs: list[int], tar
 
 def measure_parity(manifest: Manifest, run: RunDir, n_tokens: int = 256) -> dict:
     """Parity of the artifact described by ``manifest`` against fake-quant and source models."""
-    from edgeq.runtime.backends import open_backend
-
     ids = parity_tokens(run, n_tokens)
     inputs, targets = ids[:-1], np.asarray(ids[1:])
-    backend = open_backend(manifest)
-    try:
-        backend.reset()
-        art = backend.forward(inputs)
-    finally:
-        backend.close()
+    art = _artifact_logits(manifest, inputs)
     report: dict = {"text": "held-out stdlib text (edgeq.bundled.heldout_text)", "tokens": len(inputs)}
     report["fake_quant"] = compare_logits(art, torch_logits(run.path, inputs), targets)
     src = Path(run.source_info().get("path", ""))

@@ -47,13 +47,7 @@ import psutil
 
 from edgeq.errors import ConfigError
 from edgeq.runtime.backends.base import Backend
-from edgeq.runtime.energy import (  # RaplMeter, open_rapl, RAPL_ROOT: re-exported (they lived here)
-    RAPL_ROOT,  # noqa: F401
-    EnergyMeter,
-    RaplMeter,  # noqa: F401
-    SampledPowerMeter,
-    open_rapl,  # noqa: F401
-)
+from edgeq.runtime.energy import EnergyMeter, SampledPowerMeter
 
 log = logging.getLogger(__name__)
 

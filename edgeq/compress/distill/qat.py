@@ -115,5 +115,5 @@ class QATLinear(nn.Module):
     @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer codes (uint8) the student computes with (adapter merged), fp16 scales, uint8 zeros."""
-        q = torch.round(self.quantized_codes()) if (self.rank or self.learn_codes) else self.codes
+        q = torch.round(self.quantized_codes())  # the fixed codes themselves when nothing moves them
         return q.to(torch.uint8), self.scales.detach().half(), self.zeros.to(torch.uint8)
