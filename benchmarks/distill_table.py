@@ -23,6 +23,7 @@ VARIANTS = {
     "mse": dict(loss="mse"),
     "mse+sw": dict(loss="mse+sw"),
     "mse+sw, saliency": dict(loss="mse+sw", saliency=True),
+    "mse+sw, fisher": dict(loss="mse+sw", fisher=True),
     "mse+sw+kl": dict(loss="mse+sw+kl"),
     "mse+sw+cakld": dict(loss="mse+sw+cakld"),
     "mse+sw+tsld": dict(loss="mse+sw+tsld"),

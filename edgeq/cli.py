@@ -15,7 +15,10 @@ from pathlib import Path
 import click
 
 from edgeq import __version__
+from edgeq.compress.distill.config import DistillConfig
 from edgeq.errors import EdgeqError
+
+_DISTILL = DistillConfig()  # the distill command's defaults (a torch-free dataclass)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -106,39 +109,61 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--teacher", default=None, help="Teacher model dir (default: the run's source model).")
-@click.option("--loss", default="mse+sw", show_default=True, help="mse[+sw][+kl|+cakld|+tsld].")
+@click.option("--loss", default=_DISTILL.loss, show_default=True, help="mse[+sw][+kl|+cakld|+tsld].")
 @click.option("--saliency", is_flag=True, help="Saliency-aware schedule: weights -> outputs -> mixed with L_reg.")
-@click.option("--train", default="scales,norms", show_default=True,
+@click.option("--fisher/--no-fisher", default=_DISTILL.fisher, show_default=True,
+              help="Weight the block MSE by the teacher's squared output gradients (BRECQ's diagonal Fisher).")  # fmt: skip
+@click.option("--train", default=",".join(_DISTILL.train), show_default=True,
               help="Parameter groups: scales, weights (codes move), adapter (merged into codes), norms.")  # fmt: skip
-@click.option("--steps", type=int, default=400, show_default=True, help="Training steps per block.")
-@click.option("--e2e-steps", type=int, default=100, show_default=True, help="End-to-end KD steps (logit losses).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of scales and adapters.")
-@click.option("--lr-norms", type=float, default=1e-3, show_default=True, help="Learning rate of the norm weights.")
-@click.option("--adapter-rank", type=int, default=8, show_default=True, help="Rank of the adapter (--train adapter).")
-@click.option("--sw-weight", type=float, default=0.1, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Global batch (split over processes).")
+@click.option("--steps", type=int, default=_DISTILL.steps, show_default=True, help="Training steps per block.")
+@click.option(
+    "--e2e-steps", type=int, default=_DISTILL.e2e_steps, show_default=True, help="End-to-end KD steps (logit losses)."
+)
+@click.option("--lr", type=float, default=_DISTILL.lr, show_default=True, help="Learning rate of scales and adapters.")
+@click.option(
+    "--lr-norms", type=float, default=_DISTILL.lr_norms, show_default=True, help="Learning rate of the norm weights."
+)
+@click.option(
+    "--adapter-rank",
+    type=int,
+    default=_DISTILL.adapter_rank,
+    show_default=True,
+    help="Rank of the adapter (--train adapter).",
+)
+@click.option("--sw-weight", type=float, default=_DISTILL.sw_weight, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=_DISTILL.batch_size,
+    show_default=True,
+    help="Global batch (split over processes).",
+)
 @click.option("--calib", default=None, help="Calibration text (.txt, .jsonl, folder). Default: stdlib.")
-@click.option("--n-samples", type=int, default=128, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--n-samples", type=int, default=_DISTILL.n_samples, show_default=True)
+@click.option("--seq-len", type=int, default=_DISTILL.seq_len, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.state/ (last finished block / e2e checkpoint).")
-@click.option("--checkpoint-every", type=int, default=25, show_default=True, help="End-to-end steps per checkpoint.")
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=_DISTILL.checkpoint_every,
+    show_default=True,
+    help="End-to-end steps per checkpoint.",
+)
 @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
               help="Processes: >1 relaunches this command under torchrun (data parallel, gloo on CPU).")  # fmt: skip
 @click.option("--fsdp", is_flag=True, help="Shard the end-to-end student with FSDP (needs --nproc > 1 / torchrun).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run dir to write.")
-def distill(run_dir, teacher, loss, saliency, train, steps, e2e_steps, lr, lr_norms, adapter_rank, sw_weight, batch_size,
+def distill(run_dir, teacher, loss, saliency, fisher, train, steps, e2e_steps, lr, lr_norms, adapter_rank, sw_weight, batch_size,
             calib, n_samples, seq_len, seed, device, resume, checkpoint_every, nproc, fsdp, out) -> None:  # fmt: skip
     """Recover a quantized RUN_DIR's accuracy by block-wise reconstruction (+ end-to-end KD).
 
     Data parallel: `--nproc N`, or launch it yourself with `torchrun --nproc-per-node N -m edgeq distill ...`.
     """
-    from edgeq.compress.distill.config import DistillConfig
-
     cfg = DistillConfig(
         loss=loss, sw_weight=sw_weight, train=tuple(t.strip() for t in train.split(",") if t.strip()), steps=steps,
-        e2e_steps=e2e_steps, lr=lr, lr_norms=lr_norms, adapter_rank=adapter_rank, batch_size=batch_size, saliency=saliency, calib=calib,
+        e2e_steps=e2e_steps, lr=lr, lr_norms=lr_norms, adapter_rank=adapter_rank, batch_size=batch_size, saliency=saliency, fisher=fisher, calib=calib,
         n_samples=n_samples,
         seq_len=seq_len, seed=seed, device=device, fsdp=fsdp, checkpoint_every=checkpoint_every,
     )  # fmt: skip

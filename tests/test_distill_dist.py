@@ -26,7 +26,8 @@ from edgeq.compress.distill.config import DistillConfig
 from edgeq.errors import ConfigError
 
 RTOL = 1e-5
-SETTINGS = dict(loss="mse+sw+tsld", steps=5, e2e_steps=4, n_samples=8, seq_len=64, batch_size=4)
+# fisher on: its normalization over the global calibration set is the part that needs every rank
+SETTINGS = dict(loss="mse+sw+tsld", steps=5, e2e_steps=4, n_samples=8, seq_len=64, batch_size=4, fisher=True)
 
 
 def _port() -> int:
@@ -72,7 +73,11 @@ def one_process(one_thread, ptq, calib, tmp_path_factory) -> Path:
 def _cli_args(ptq: Path, calib: Path, out: Path) -> list[str]:
     args = [str(ptq), "--calib", str(calib), "--out", str(out)]
     for key, value in SETTINGS.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        option = key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{option}" if value else f"--no-{option}")
+        else:
+            args += [f"--{option}", str(value)]
     return args
 
 

@@ -26,6 +26,7 @@ LOGIT_LOSSES = {
 }
 ACT_LOSSES = {
     "mse": L.block_mse,
+    "mse_fisher": lambda s, t: L.block_mse(s, t, _logits(5, s.shape).abs() + 0.1),
     "sw": lambda s, t: L.sliced_wasserstein(s, t, L.random_directions(s.shape[-1], 8, torch.Generator().manual_seed(0), dtype=s.dtype)),
     "mse_sw": lambda s, t: L.mse_sw(s, t, directions=L.random_directions(s.shape[-1], 8, torch.Generator().manual_seed(0), dtype=s.dtype)),
 }  # fmt: skip
@@ -96,3 +97,11 @@ def test_saliency_regularizer():
     w2[0, 0] += 1.0
     assert float(L.saliency_regularizer(w2, w, g2)) == pytest.approx(float(g2[0, 0]))
     assert torch.autograd.gradcheck(lambda x: L.saliency_regularizer(x, w, g2), (w2.clone().requires_grad_(),))
+
+
+def test_weighted_mse_is_the_weighted_mean_and_unit_weights_change_nothing():
+    s, t = _logits(1, (2, 3, 4)), _logits(2, (2, 3, 4))
+    assert float(L.block_mse(s, t, torch.ones_like(s))) == pytest.approx(float(L.block_mse(s, t)), rel=1e-12)
+    w = torch.zeros_like(s)
+    w[0, 1, 2] = 24.0  # all the weight on one element: 24 / 24 elements x its squared error
+    assert float(L.block_mse(s, t, w)) == pytest.approx(float((s[0, 1, 2] - t[0, 1, 2]) ** 2), rel=1e-12)

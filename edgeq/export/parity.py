@@ -112,6 +112,15 @@ def parity_tokens(run: RunDir, n_tokens: int) -> list[int]:
     return ids[: min(n_tokens + 1, n_ctx)]
 
 
+# llama.cpp settings of the GGUF parity run: weights in their stored layout and an f32 KV cache
+GGUF_EXACT = {"repack": False, "type_k": "f32", "type_v": "f32"}
+GGUF_NOTE = (
+    "weights in their stored layout (repack off) and an f32 KV cache; a build with a BLAS backend computes "
+    "the prompt in f32 (exact: ~1e-7), the default build's kernels round activations to int8 blocks for "
+    "q8_0/q4_0/q4_1 weights (~4e-3; see fake_quant_llamacpp_arithmetic)"
+)
+
+
 def _artifact_logits(manifest: Manifest, inputs: list[int], provider_options: dict | None = None) -> np.ndarray:
     """The artifact's logits for ``inputs`` (one fresh sequence), computed by the real client."""
     from edgeq.runtime.backends import open_backend
@@ -141,8 +150,14 @@ def measure_parity(manifest: Manifest, run: RunDir, n_tokens: int = 256) -> dict
     """Parity of the artifact described by ``manifest`` against fake-quant and source models."""
     ids = parity_tokens(run, n_tokens)
     inputs, targets = ids[:-1], np.asarray(ids[1:])
-    art = _artifact_logits(manifest, inputs)
     report: dict = {"text": "held-out stdlib text (edgeq.bundled.heldout_text)", "tokens": len(inputs)}
+    settings = None
+    if manifest.format == "gguf":  # the client's most exact settings: they measure the file, not a runtime choice
+        from edgeq.runtime.backends.llamacpp import has_blas_backend
+
+        settings = dict(GGUF_EXACT)
+        report["llama_cpp"] = {**settings, "blas": has_blas_backend(), "note": GGUF_NOTE}
+    art = _artifact_logits(manifest, inputs, settings)
     report["fake_quant"] = compare_logits(art, torch_logits(run.path, inputs), targets)
     src = Path(run.source_info().get("path", ""))
     if run.is_quantized and src.is_dir():

@@ -67,6 +67,7 @@ def distill_args(run_dir: Path, config: DistillConfig, out: Path, teacher: str |
             args += [option, repr(value) if isinstance(value, float) else str(value)]
     args += ["--train", ",".join(config.train)]
     args += [flag for field, flag in _FLAGS.items() if getattr(config, field)]
+    args += ["--fisher" if config.fisher else "--no-fisher"]
     unsupported = [f for f in ("sw_directions", "lr_weights", "saliency_lambda")
                    if getattr(config, f) != getattr(defaults, f)]  # fmt: skip
     if unsupported:

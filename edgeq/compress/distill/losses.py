@@ -12,7 +12,7 @@ Logit losses take ``student`` and ``teacher`` logits of shape (..., V) and avera
 
 Activation losses take block outputs (..., D):
 
-* ``block_mse``            mean squared error;
+* ``block_mse``            mean squared error, optionally weighted per element (Fisher);
 * ``sliced_wasserstein``   1-D Wasserstein-1 distances between the token distributions of teacher and
   student projected on ``k`` random unit directions, averaged (Cao, Yin, Aref 2026): it compares the
   *distributions* of activations, so it is invariant to permuting tokens and complements MSE;
@@ -93,8 +93,12 @@ def tsld(
     return (weights * per_token).sum()
 
 
-def block_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(student, teacher)
+def block_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with ``weight`` (broadcastable, e.g. BRECQ's per-element Fisher ``g²`` of the
+    teacher's output, normalized to mean 1) the weighted mean ``mean(weight ⊙ (student − teacher)²)``."""
+    if weight is None:
+        return F.mse_loss(student, teacher)
+    return (weight * (student - teacher) ** 2).mean()
 
 
 def random_directions(dim: int, k: int, generator: torch.Generator | None = None, device=None, dtype=None):

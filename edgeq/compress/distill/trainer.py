@@ -3,7 +3,8 @@
 Block-wise (memory-bounded like the PTQ driver, one block on the device at a time): the student
 block (its quantized Linears as ``QATLinear``) sees the outputs of the already-trained student blocks
 before it, and learns to reproduce the teacher block's output on the teacher's own inputs, with
-``MSE + w·SW`` (sliced Wasserstein; ``edgeq.compress.distill.losses``). With ``saliency`` the block
+``MSE + w·SW`` (sliced Wasserstein; ``edgeq.compress.distill.losses``); with ``fisher`` the MSE is
+weighted per element by the teacher's squared output gradients (``output_fisher``). With ``saliency`` the block
 follows the three-stage schedule of saliency-aware partial retraining: weight preservation
 (``L_reg`` alone) -> output preservation (MSE [+ SW]) -> mixed (MSE [+ SW] + λ·L_reg), where ``L_reg =
 Σ g² ⊙ (W_eff − W_orig)²`` and ``g²`` are squared gradients of the LM loss w.r.t. the original weights,
@@ -125,13 +126,14 @@ def _optimizer(module: torch.nn.Module, qats: dict[str, QATLinear], cfg: Distill
     return torch.optim.Adam(groups)
 
 
-def block_loss(out, target, cfg: DistillConfig, gen: torch.Generator, stage: str, reg, ctx: DistContext):
-    """This rank's share of ``MSE + w·SW (+ λ·L_reg)`` on its shard of the global batch.
+def block_loss(out, target, cfg: DistillConfig, gen: torch.Generator, stage: str, reg, ctx: DistContext, weight=None):
+    """This rank's share of ``MSE + w·SW (+ λ·L_reg)`` on its shard of the global batch; ``weight``: the
+    batch's Fisher weights when ``cfg.fisher`` (see ``output_fisher``).
 
     SW is computed on the projections of the *whole* global batch (gathered over ranks), so it is
     the one-process SW; its gradient reaches each rank through its own shard (see ``dist``).
     """
-    loss = L.block_mse(out, target)
+    loss = L.block_mse(out, target, weight)
     if "sw" in cfg.terms:
         dim = out.shape[-1]
         u = L.random_directions(dim, cfg.sw_directions, gen, dtype=torch.float32).to(out.device)  # (D, k)
@@ -157,10 +159,13 @@ def _device_kwargs(kwargs: dict, device) -> dict:
     return kw
 
 
-def train_block(block, qats, inputs, targets, kwargs, cfg, saliency, ctx: DistContext, index: int) -> list[float]:
+def train_block(
+    block, qats, inputs, targets, kwargs, cfg, saliency, ctx: DistContext, index: int, weights=None
+) -> list[float]:
     """Train one student block towards the teacher block's outputs; returns the (global) loss curve.
 
-    ``inputs`` / ``targets`` hold this rank's shard of every calibration batch.
+    ``inputs`` / ``targets`` (/ ``weights``, the Fisher weights) hold this rank's shard of every
+    calibration batch.
     """
     device = ctx.device
     opt = _optimizer(block, qats, cfg)
@@ -181,7 +186,8 @@ def train_block(block, qats, inputs, targets, kwargs, cfg, saliency, ctx: DistCo
         else:
             out = model(inputs[i].to(device), **kw)
             out = out[0] if isinstance(out, tuple) else out
-            loss = block_loss(out, targets[i].to(device), cfg, gen, stage, reg, ctx)
+            weight = None if weights is None else weights[i].to(device)
+            loss = block_loss(out, targets[i].to(device), cfg, gen, stage, reg, ctx, weight)
         _optimize(opt, loss, curve, bar, ctx)
     if bar is not None:
         bar.close()
@@ -210,6 +216,44 @@ def compute_saliency(
             sal[n] += p.grad.detach() ** 2
     teacher.zero_grad(set_to_none=True)
     return {n: s / s.mean().clamp(min=1e-30) for n, s in sal.items()}
+
+
+def output_fisher(teacher, family: Family, index: int, ids: torch.Tensor, batch_size: int, ctx: DistContext) -> list:
+    """Per-element squared gradients of the teacher's LM loss w.r.t. block ``index``'s output, one
+    tensor per calibration batch of ``ids`` (this rank's rows), normalized to mean 1 over the global
+    calibration set: the diagonal Fisher weighting of BRECQ's block reconstruction (Li et al. 2021),
+    so a block learns to undo the errors the next-token loss is sensitive to rather than all of them.
+
+    The whole teacher runs (on ``ctx.device``); the hooked block's output is made a leaf, so the
+    backward pass only goes through the blocks after it.
+    """
+    device = ctx.device
+    block = get_module(teacher, family.blocks)[index]
+    leaf: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).detach().requires_grad_(True)
+        leaf.append(hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.train(False)
+    teacher.to(device)
+    handle = block.register_forward_hook(hook)
+    out = []
+    try:
+        with torch.enable_grad():
+            for i in range(0, len(ids), batch_size):
+                x = ids[i : i + batch_size].to(device)
+                leaf.clear()
+                (grad,) = torch.autograd.grad(teacher(x, labels=x, use_cache=False).loss, leaf)
+                out.append((grad.float() ** 2).cpu())
+    finally:
+        handle.remove()
+        teacher.to("cpu")
+    mean = ctx.mean(torch.stack([g.mean() for g in out]).mean().to(device)).cpu().clamp(min=1e-30)
+    return [g / mean for g in out]
 
 
 def shard_batches(ids: torch.Tensor, batch_size: int, ctx: DistContext) -> torch.Tensor:
@@ -257,6 +301,9 @@ def blockwise(
     for index in range(len(s_blocks)):
         t0 = time.time()
         prefix = family.block_prefix(index)
+        weights = None
+        if cfg.fisher and index >= start and cfg.steps:
+            weights = output_fisher(teacher, family, index, local_ids, cfg.batch_size // ctx.world, ctx)
         targets = run_block(t_blocks[index].to(device), x_t, kwargs, device)
         t_blocks[index].to("cpu")
         block = s_blocks[index].to(device)
@@ -269,7 +316,9 @@ def blockwise(
             if saliency is not None:
                 block_sal = {p: saliency[f"{prefix}{p}.weight"].to(device) for p in qats}
             with torch.enable_grad():
-                curves[f"block {index}"] = train_block(block, qats, x_s, targets, kwargs, cfg, block_sal, ctx, index)
+                curves[f"block {index}"] = train_block(
+                    block, qats, x_s, targets, kwargs, cfg, block_sal, ctx, index, weights
+                )
         for p in block.parameters():
             p.requires_grad_(False)
         for q in qats.values():

@@ -218,9 +218,23 @@ class LlamaCppBackend:
             "type_k": _KV_NAMES.get(int(params.type_k), int(params.type_k)),
             "type_v": _KV_NAMES.get(int(params.type_v), int(params.type_v)),
             "repack": self._repack,
+            "blas": has_blas_backend(),
             "system_info": lib.llama_print_system_info().decode("utf-8", "replace").strip(),
             "model_file": self.model_file.name,
         }
+
+
+def has_blas_backend() -> bool:
+    """Whether the installed llama-cpp-python was built with ggml's BLAS backend (``libggml-blas`` beside
+    ``libllama``), found without importing ``llama_cpp``. Such a build computes prompt batches of
+    q8_0/q4_0/q4_1 weights in plain layout (``repack`` false) in f32 rather than with int8 activations."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return False
+    return any((Path(spec.origin).parent / "lib").glob("libggml-blas.*"))
 
 
 def _flag(value: object) -> bool:
