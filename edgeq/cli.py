@@ -116,41 +116,19 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
 @click.option("--train", default=",".join(_DISTILL.train), show_default=True,
               help="Parameter groups: scales, weights (codes move), adapter (merged into codes), norms.")  # fmt: skip
 @click.option("--steps", type=int, default=_DISTILL.steps, show_default=True, help="Training steps per block.")
-@click.option(
-    "--e2e-steps", type=int, default=_DISTILL.e2e_steps, show_default=True, help="End-to-end KD steps (logit losses)."
-)
+@click.option("--e2e-steps", type=int, default=_DISTILL.e2e_steps, show_default=True, help="End-to-end KD steps (logit losses).")  # fmt: skip
 @click.option("--lr", type=float, default=_DISTILL.lr, show_default=True, help="Learning rate of scales and adapters.")
-@click.option(
-    "--lr-norms", type=float, default=_DISTILL.lr_norms, show_default=True, help="Learning rate of the norm weights."
-)
-@click.option(
-    "--adapter-rank",
-    type=int,
-    default=_DISTILL.adapter_rank,
-    show_default=True,
-    help="Rank of the adapter (--train adapter).",
-)
+@click.option("--lr-norms", type=float, default=_DISTILL.lr_norms, show_default=True, help="Learning rate of the norm weights.")  # fmt: skip
+@click.option("--adapter-rank", type=int, default=_DISTILL.adapter_rank, show_default=True, help="Rank of the adapter (--train adapter).")  # fmt: skip
 @click.option("--sw-weight", type=float, default=_DISTILL.sw_weight, show_default=True)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=_DISTILL.batch_size,
-    show_default=True,
-    help="Global batch (split over processes).",
-)
+@click.option("--batch-size", type=int, default=_DISTILL.batch_size, show_default=True, help="Global batch (split over processes).")  # fmt: skip
 @click.option("--calib", default=None, help="Calibration text (.txt, .jsonl, folder). Default: stdlib.")
 @click.option("--n-samples", type=int, default=_DISTILL.n_samples, show_default=True)
 @click.option("--seq-len", type=int, default=_DISTILL.seq_len, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.state/ (last finished block / e2e checkpoint).")
-@click.option(
-    "--checkpoint-every",
-    type=int,
-    default=_DISTILL.checkpoint_every,
-    show_default=True,
-    help="End-to-end steps per checkpoint.",
-)
+@click.option("--checkpoint-every", type=int, default=_DISTILL.checkpoint_every, show_default=True, help="End-to-end steps per checkpoint.")  # fmt: skip
 @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
               help="Processes: >1 relaunches this command under torchrun (data parallel, gloo on CPU).")  # fmt: skip
 @click.option("--fsdp", is_flag=True, help="Shard the end-to-end student with FSDP (needs --nproc > 1 / torchrun).")
