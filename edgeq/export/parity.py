@@ -112,8 +112,9 @@ def parity_tokens(run: RunDir, n_tokens: int) -> list[int]:
     return ids[: min(n_tokens + 1, n_ctx)]
 
 
-# llama.cpp settings of the GGUF parity run: weights in their stored layout and an f32 KV cache
-GGUF_EXACT = {"repack": False, "type_k": "f32", "type_v": "f32"}
+# llama.cpp settings of the GGUF parity runs: an f32 KV cache, and for the main run the stored weight layout
+F32_KV = {"type_k": "f32", "type_v": "f32"}
+GGUF_EXACT = {"repack": False, **F32_KV}
 GGUF_NOTE = (
     "weights in their stored layout (repack off) and an f32 KV cache; a build with a BLAS backend computes "
     "the prompt in f32 (exact: ~1e-7), the default build's kernels round activations to int8 blocks for "
@@ -137,7 +138,7 @@ def _artifact_logits(manifest: Manifest, inputs: list[int], provider_options: di
 def _llamacpp_arithmetic(manifest: Manifest, run: RunDir, inputs: list[int], targets, types: dict) -> dict:
     """The artifact (f32 KV cache) against the fake-quant model with llama.cpp's activation rounding."""
     # micro-batches under 32 tokens: a BLAS-enabled build would otherwise compute them in f32 (exactly)
-    art = _artifact_logits(manifest, inputs, {"type_k": "f32", "type_v": "f32", "n_batch": 16, "n_ubatch": 16})
+    art = _artifact_logits(manifest, inputs, {**F32_KV, "n_batch": 16, "n_ubatch": 16})
     out = compare_logits(art, torch_logits(run.path, inputs, types), targets)
     out["note"] = (
         "artifact with an f32 KV cache vs the run's fake-quant model with llama.cpp's CPU activation rounding "
