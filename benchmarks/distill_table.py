@@ -3,9 +3,9 @@
     python benchmarks/distill_table.py [--bits 2 3] [--variants mse mse+sw ...] [--seeds 0 1] [--json OUT]
 
 Start, per seed s: GPTQ (calibration seed s, 64 sequences) at ``bits`` g32. Each variant retrains that
-run (``edgeq.compress.distill`` with DistillConfig's defaults -- block-wise, scales and norms trained,
-128 calibration sequences -- unless ``--train`` / ``--n-samples`` say otherwise; ``--steps`` per block,
-seed s; the KD variants add ``--e2e-steps`` end-to-end steps) and is scored on the first 16,384
+run (``edgeq.compress.distill`` with DistillConfig's defaults -- block-wise in windows of 2 blocks,
+scales and norms trained, 128 calibration sequences -- unless ``--train`` / ``--n-samples`` say
+otherwise; ``--steps`` per block, seed s; the KD variants add ``--e2e-steps`` end-to-end steps) and is scored on the first 16,384
 held-out tokens.
 Recovered = (ppl_ptq - ppl_after) / (ppl_ptq - ppl_fp). Prints a Markdown table (mean and range over
 the seeds) last and writes JSON (default benchmarks/distill_table.json).
@@ -22,6 +22,8 @@ from pathlib import Path
 VARIANTS = {
     "mse": dict(loss="mse"),
     "mse+sw": dict(loss="mse+sw"),
+    "mse+sw, window 1": dict(loss="mse+sw", window=1),
+    "mse+sw, window 3": dict(loss="mse+sw", window=3),
     "mse+sw, saliency": dict(loss="mse+sw", saliency=True),
     "mse+sw, fisher": dict(loss="mse+sw", fisher=True),
     "mse+sw+kl": dict(loss="mse+sw+kl"),

@@ -116,6 +116,8 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
 @click.option("--train", default=",".join(_DISTILL.train), show_default=True,
               help="Parameter groups: scales, weights (codes move), adapter (merged into codes), norms.")  # fmt: skip
 @click.option("--steps", type=int, default=_DISTILL.steps, show_default=True, help="Training steps per block.")
+@click.option("--window", type=int, default=_DISTILL.window, show_default=True,
+              help="Blocks reconstructed together (cross-block); 1: plain block-wise.")  # fmt: skip
 @click.option("--e2e-steps", type=int, default=_DISTILL.e2e_steps, show_default=True, help="End-to-end KD steps (logit losses).")  # fmt: skip
 @click.option("--lr", type=float, default=_DISTILL.lr, show_default=True, help="Learning rate of scales and adapters.")
 @click.option("--lr-norms", type=float, default=_DISTILL.lr_norms, show_default=True, help="Learning rate of the norm weights.")  # fmt: skip
@@ -133,7 +135,7 @@ def eval_cmd(model, text, reference, ctx, max_tokens, device, json_out) -> None:
               help="Processes: >1 relaunches this command under torchrun (data parallel, gloo on CPU).")  # fmt: skip
 @click.option("--fsdp", is_flag=True, help="Shard the end-to-end student with FSDP (needs --nproc > 1 / torchrun).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run dir to write.")
-def distill(run_dir, teacher, loss, saliency, fisher, train, steps, e2e_steps, lr, lr_norms, adapter_rank, sw_weight, batch_size,
+def distill(run_dir, teacher, loss, saliency, fisher, train, steps, window, e2e_steps, lr, lr_norms, adapter_rank, sw_weight, batch_size,
             calib, n_samples, seq_len, seed, device, resume, checkpoint_every, nproc, fsdp, out) -> None:  # fmt: skip
     """Recover a quantized RUN_DIR's accuracy by block-wise reconstruction (+ end-to-end KD).
 
@@ -141,7 +143,7 @@ def distill(run_dir, teacher, loss, saliency, fisher, train, steps, e2e_steps, l
     """
     cfg = DistillConfig(
         loss=loss, sw_weight=sw_weight, train=tuple(t.strip() for t in train.split(",") if t.strip()), steps=steps,
-        e2e_steps=e2e_steps, lr=lr, lr_norms=lr_norms, adapter_rank=adapter_rank, batch_size=batch_size, saliency=saliency, fisher=fisher, calib=calib,
+        window=window, e2e_steps=e2e_steps, lr=lr, lr_norms=lr_norms, adapter_rank=adapter_rank, batch_size=batch_size, saliency=saliency, fisher=fisher, calib=calib,
         n_samples=n_samples,
         seq_len=seq_len, seed=seed, device=device, fsdp=fsdp, checkpoint_every=checkpoint_every,
     )  # fmt: skip

@@ -26,8 +26,9 @@ from edgeq.compress.distill.config import DistillConfig
 from edgeq.errors import ConfigError
 
 RTOL = 1e-5
-# fisher on: its normalization over the global calibration set is the part that needs every rank
-SETTINGS = dict(loss="mse+sw+tsld", steps=5, e2e_steps=4, n_samples=8, seq_len=64, batch_size=4, fisher=True)
+# fisher on: its normalization over the global calibration set is the part that needs every rank; windows of
+# 3 blocks: a checkpoint after block 1 must carry what blocks 2 and 3 learned in the windows before
+SETTINGS = dict(loss="mse+sw+tsld", steps=5, e2e_steps=4, n_samples=8, seq_len=64, batch_size=4, fisher=True, window=3)
 
 
 def _port() -> int:

@@ -25,6 +25,13 @@ class DistillConfig:
     # 2-bit model, benchmarks/RESULTS.md); "weights" (codes move through the STE) did not help there
     train: tuple[str, ...] = ("scales", "norms")
     steps: int = 400  # per block
+    # blocks reconstructed together (cross-block windows, as in CBQ, Ding et al. 2023): block i trains with
+    # blocks i+1..i+window-1, the loss summed over their outputs, so it is also judged by how its error
+    # carries into the blocks after it; then block i is fixed and the window slides by one. window 1 is plain
+    # block-wise reconstruction; each block trains `window` times (the cost grows about as much). On the bundled
+    # model (3 seeds, benchmarks/RESULTS.md) 1 / 2 / 3 recover 23.1 / 26.7 / 29.1% of the 2-bit gap, 23.8 / 26.5 /
+    # 27.2% at 3 bits, for 1 / 1.7 / 2.2x the time
+    window: int = 2
     e2e_steps: int = 100  # when the loss names a logit term
     lr: float = 1e-4  # scales / adapter (Adam: an absolute step, scales are ~1e-2)
     lr_weights: float = 1e-5  # latent weights (codes move through the STE)
@@ -65,7 +72,8 @@ class DistillConfig:
         for name in ("steps", "e2e_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} is negative; expected 0 or more")
-        for name in ("batch_size", "n_samples", "seq_len", "checkpoint_every", "sw_directions", "adapter_rank"):
+        positive = ("batch_size", "n_samples", "seq_len", "checkpoint_every", "sw_directions", "adapter_rank", "window")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
 

@@ -26,6 +26,7 @@ _OPTIONS = {
     "loss": "--loss",
     "sw_weight": "--sw-weight",
     "steps": "--steps",
+    "window": "--window",
     "e2e_steps": "--e2e-steps",
     "lr": "--lr",
     "lr_norms": "--lr-norms",

@@ -1,11 +1,14 @@
 """Recovering a quantized run's accuracy: block-wise reconstruction, then optional end-to-end KD.
 
-Block-wise (memory-bounded like the PTQ driver, one block on the device at a time): the student
-block (its quantized Linears as ``QATLinear``) sees the outputs of the already-trained student blocks
-before it, and learns to reproduce the teacher block's output on the teacher's own inputs, with
-``MSE + w·SW`` (sliced Wasserstein; ``edgeq.compress.distill.losses``); with ``fisher`` the MSE is
-weighted per element by the teacher's squared output gradients (``output_fisher``). With ``saliency`` the block
-follows the three-stage schedule of saliency-aware partial retraining: weight preservation
+Block-wise (memory-bounded like the PTQ driver: a window of ``cfg.window`` blocks on the device at a
+time): the student block (its quantized Linears as ``QATLinear``) sees the outputs of the already-trained
+student blocks before it, and learns to reproduce the teacher block's output on the teacher's own inputs,
+with ``MSE + w·SW`` (sliced Wasserstein; ``edgeq.compress.distill.losses``). With ``window`` > 1 (cross-block
+reconstruction, CBQ) block i trains together with the next ``window - 1`` blocks, the loss summed over
+their outputs, so its own error is also judged by what it does to the blocks after it; block i is then
+fixed and the window slides by one (the later blocks keep what they learned as their start). With
+``fisher`` the MSE is weighted per element by the teacher's squared output gradients (``output_fisher``).
+With ``saliency`` the block follows the three-stage schedule of saliency-aware partial retraining: weight preservation
 (``L_reg`` alone) -> output preservation (MSE [+ SW]) -> mixed (MSE [+ SW] + λ·L_reg), where ``L_reg =
 Σ g² ⊙ (W_eff − W_orig)²`` and ``g²`` are squared gradients of the LM loss w.r.t. the original weights,
 computed once on calibration data.
@@ -159,13 +162,31 @@ def _device_kwargs(kwargs: dict, device) -> dict:
     return kw
 
 
+class Window(torch.nn.Module):
+    """Consecutive student blocks trained together: ``forward`` returns each block's output in turn."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, hidden: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+        outs = []
+        for block in self.blocks:
+            hidden = block(hidden, **kwargs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            outs.append(hidden)
+        return outs
+
+
 def train_block(
     block, qats, inputs, targets, kwargs, cfg, saliency, ctx: DistContext, index: int, weights=None
 ) -> list[float]:
-    """Train one student block towards the teacher block's outputs; returns the (global) loss curve.
+    """Train a window of student blocks (a ``Window``) towards the teacher blocks' outputs; returns the
+    (global) loss curve.
 
-    ``inputs`` / ``targets`` (/ ``weights``, the Fisher weights) hold this rank's shard of every
-    calibration batch.
+    ``inputs`` holds this rank's shard of every calibration batch; ``targets`` (and ``weights``, the
+    Fisher weights, or ``None``) one such list per block of the window. The loss is the sum of the
+    blocks' ``block_loss`` terms (one block: the plain block-wise objective).
     """
     device = ctx.device
     opt = _optimizer(block, qats, cfg)
@@ -184,10 +205,12 @@ def train_block(
         if stage == "weights":
             loss = reg  # no forward pass: identical on every rank, so no gradient needs syncing
         else:
-            out = model(inputs[i].to(device), **kw)
-            out = out[0] if isinstance(out, tuple) else out
-            weight = None if weights is None else weights[i].to(device)
-            loss = block_loss(out, targets[i].to(device), cfg, gen, stage, reg, ctx, weight)
+            outs = model(inputs[i].to(device), **kw)
+            loss = 0
+            for k, out in enumerate(outs):
+                weight = None if weights is None else weights[k][i].to(device)
+                term_reg = reg if k == 0 else None  # the regularizer counts once per window
+                loss = loss + block_loss(out, targets[k][i].to(device), cfg, gen, stage, term_reg, ctx, weight)
         _optimize(opt, loss, curve, bar, ctx)
     if bar is not None:
         bar.close()
@@ -285,55 +308,82 @@ def blockwise(
     curves: dict | None = None,
     on_block_done: BlockDone | None = None,
 ) -> dict:
-    """Train every student block in order; returns loss curves by ``"block I"``. Modifies ``student``.
+    """Train every student block in order (each in its window: see the module docstring); returns loss
+    curves by ``"block I"`` (window I's loss). Modifies ``student``.
 
     Blocks before ``start`` are not trained again: their parameters come from ``restored`` (a resumed
     run) and they only run forward, to rebuild the next block's inputs exactly.
     """
     device = ctx.device
     local_ids = shard_batches(ids, cfg.batch_size, ctx)
+    per_rank = cfg.batch_size // ctx.world
     with torch.no_grad():
-        x_t, kwargs = capture_block_inputs(teacher, family, local_ids, cfg.batch_size // ctx.world)
+        x_t, kwargs = capture_block_inputs(teacher, family, local_ids, per_rank)
         x_s = [h.clone() for h in x_t]
     curves = dict(curves or {})
     trained: dict[str, QATLinear] = {}
     t_blocks, s_blocks = get_module(teacher, family.blocks), get_module(student, family.blocks)
-    for index in range(len(s_blocks)):
+    n = len(s_blocks)
+    wrapped: dict[int, dict[str, QATLinear]] = {}  # block -> its QATLinear layers, once it entered a window
+    t_out: dict[int, list] = {}  # block -> the teacher block's outputs (on the teacher's inputs)
+    fisher: dict[int, list] = {}
+
+    def enter(j: int) -> None:
+        """Wrap student block j, bring it to the device and put back what a resumed run saved of it
+        (blocks before ``start`` are finished; the rest of a window may have trained in the window before)."""
+        prefix = family.block_prefix(j)
+        s_blocks[j] = s_blocks[j].to(device)
+        wrapped[j] = wrap_block(s_blocks[j], family, prefix, quantized, cfg)
+        if restored:
+            _restore_block(wrapped[j], trained_modules(s_blocks[j], wrapped[j], cfg), prefix, cfg, restored)
+
+    for index in range(n):
         t0 = time.time()
         prefix = family.block_prefix(index)
-        weights = None
-        if cfg.fisher and index >= start and cfg.steps:
-            weights = output_fisher(teacher, family, index, local_ids, cfg.batch_size // ctx.world, ctx)
-        targets = run_block(t_blocks[index].to(device), x_t, kwargs, device)
-        t_blocks[index].to("cpu")
-        block = s_blocks[index].to(device)
-        qats = wrap_block(block, family, prefix, quantized, cfg)
+        last = index + 1 if index < start else min(n, index + cfg.window)  # finished blocks only run forward
+        for j in range(index, last):
+            if j not in t_out:
+                t_out[j] = run_block(t_blocks[j].to(device), t_out[j - 1] if j else x_t, kwargs, device)
+                t_blocks[j].to("cpu")
+            if j not in wrapped:
+                enter(j)
+            if cfg.fisher and cfg.steps and j >= start and j not in fisher:
+                fisher[j] = output_fisher(teacher, family, j, local_ids, per_rank, ctx)
+        block, qats = s_blocks[index], wrapped[index]
         modules = trained_modules(block, qats, cfg)
-        if index < start:
-            _restore_block(qats, modules, prefix, cfg, restored or {})
-        else:
-            block_sal = None
+        if index >= start:
+            window = Window([s_blocks[j] for j in range(index, last)])
+            window_qats = {f"blocks.{j - index}.{p}": q for j in range(index, last) for p, q in wrapped[j].items()}
+            sal = None
             if saliency is not None:
-                block_sal = {p: saliency[f"{prefix}{p}.weight"].to(device) for p in qats}
+                sal = {f"blocks.{j - index}.{p}": saliency[f"{family.block_prefix(j)}{p}.weight"].to(device)
+                       for j in range(index, last) for p in wrapped[j]}  # fmt: skip
+            weights = [fisher[j] for j in range(index, last)] if cfg.fisher and cfg.steps else None
             with torch.enable_grad():
                 curves[f"block {index}"] = train_block(
-                    block, qats, x_s, targets, kwargs, cfg, block_sal, ctx, index, weights
-                )
+                    window, window_qats, x_s, [t_out[j] for j in range(index, last)], kwargs, cfg, sal, ctx,
+                    index, weights,
+                )  # fmt: skip
         for p in block.parameters():
             p.requires_grad_(False)
         for q in qats.values():
             q.freeze()
         trained.update({f"{prefix}{p}": m for p, m in modules.items()})
-        x_s = run_block(block, x_s, kwargs, device)
+        with torch.no_grad():
+            x_s = run_block(block, x_s, kwargs, device)
         s_blocks[index] = block.to("cpu")
-        x_t = targets
+        t_out.pop(index - 1, None)
+        fisher.pop(index, None)
         if index >= start:
             c = curves[f"block {index}"]
             log.info(
                 "block %d: loss %.4g -> %.4g (%.1fs)", index, c[0] if c else 0, c[-1] if c else 0, time.time() - t0
             )
             if on_block_done is not None:
-                on_block_done(index, curves, trained)
+                # what a resume needs: the finished blocks, and the state of the window's later blocks
+                ahead = {f"{family.block_prefix(j)}{p}": m for j in range(index + 1, last)
+                         for p, m in trained_modules(s_blocks[j], wrapped[j], cfg).items()}  # fmt: skip
+                on_block_done(index, curves, {**trained, **ahead})
     return curves
 
 
