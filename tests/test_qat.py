@@ -178,3 +178,35 @@ def test_output_fisher_is_the_squared_gradient_at_the_block_output(bundled_dir):
         torch.testing.assert_close(w, r / mean, rtol=1e-4, atol=1e-6)
     assert float(torch.cat([w.reshape(-1) for w in weights]).mean()) == pytest.approx(1.0, rel=1e-5)
     assert not any(p.requires_grad for p in model.parameters())  # the teacher stays frozen
+
+
+@pytest.mark.slow
+def test_default_distillation_recovers_a_quarter_of_the_2bit_gap(bundled_dir, tmp_path):
+    """Issue 4's threshold on one seed, at full settings: GPTQ w2g32 (64 calibration sequences, seed 0)
+    distilled with ``DistillConfig``'s defaults recovers >= 25% of the perplexity gap to fp on 16,384
+    held-out tokens (measured 29.6%; block by block, window 1, the same start recovers 26.1%; the
+    three-seed means are in benchmarks/RESULTS.md). One thread, as the benchmark ran: GPTQ's start
+    depends on the thread count."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from edgeq.bundled import heldout_text
+    from edgeq.compress.distill.run import distill
+    from edgeq.compress.eval import perplexity
+    from edgeq.compress.model import load_torch_model
+    from edgeq.compress.run import compress
+    from edgeq.config import CompressConfig
+
+    tok = Tokenizer.from_file(str(bundled_dir / "tokenizer.json"))
+    ids = tok.encode(heldout_text(max_chars=16384 * 6), add_special_tokens=False).ids[: 16384 + 1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = CompressConfig(method="gptq", bits=2, group_size=32, n_samples=64, seed=0)
+        ptq_dir = compress(bundled_dir, cfg, tmp_path / "gptq")
+        out = distill(ptq_dir, DistillConfig(seed=0), tmp_path / "distilled")
+        fp, ptq, after = (perplexity(load_torch_model(p), ids).perplexity for p in (bundled_dir, ptq_dir, out))
+    finally:
+        torch.set_num_threads(threads)
+    recovered = (ptq - after) / (ptq - fp)
+    assert recovered >= 0.25, (fp, ptq, after, recovered)
