@@ -5,8 +5,8 @@
 Start, per seed s: GPTQ (calibration seed s, 64 sequences) at ``bits`` g32. Each variant retrains that
 run (``edgeq.compress.distill`` with DistillConfig's defaults -- block-wise in windows of 2 blocks,
 scales and norms trained, 128 calibration sequences -- unless ``--train`` / ``--n-samples`` say
-otherwise; ``--steps`` per block, seed s; the KD variants add ``--e2e-steps`` end-to-end steps) and is scored on the first 16,384
-held-out tokens.
+otherwise; ``--steps`` per block, seed s; the KD variants add ``--e2e-steps`` end-to-end steps) and
+is scored on the first 16,384 held-out tokens.
 Recovered = (ppl_ptq - ppl_after) / (ppl_ptq - ppl_fp). Prints a Markdown table (mean and range over
 the seeds) last and writes JSON (default benchmarks/distill_table.json).
 """

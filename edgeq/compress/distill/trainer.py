@@ -325,7 +325,10 @@ def blockwise(
     t_blocks, s_blocks = get_module(teacher, family.blocks), get_module(student, family.blocks)
     n = len(s_blocks)
     wrapped: dict[int, dict[str, QATLinear]] = {}  # block -> its QATLinear layers, once it entered a window
-    t_out: dict[int, list] = {}  # block -> the teacher block's outputs (on the teacher's inputs)
+    # block -> the teacher block's outputs (on the teacher's inputs; -1: block 0's inputs); during window i
+    # it holds just the window's targets, i..i+window-1
+    t_out: dict[int, list] = {-1: x_t}
+    del x_t
     fisher: dict[int, list] = {}
 
     def enter(j: int) -> None:
@@ -343,12 +346,13 @@ def blockwise(
         last = index + 1 if index < start else min(n, index + cfg.window)  # finished blocks only run forward
         for j in range(index, last):
             if j not in t_out:
-                t_out[j] = run_block(t_blocks[j].to(device), t_out[j - 1] if j else x_t, kwargs, device)
+                t_out[j] = run_block(t_blocks[j].to(device), t_out[j - 1], kwargs, device)
                 t_blocks[j].to("cpu")
             if j not in wrapped:
                 enter(j)
             if cfg.fisher and cfg.steps and j >= start and j not in fisher:
                 fisher[j] = output_fisher(teacher, family, j, local_ids, per_rank, ctx)
+        t_out.pop(index - 1, None)  # the inputs of teacher block `index`: its outputs exist now
         block, qats = s_blocks[index], wrapped[index]
         modules = trained_modules(block, qats, cfg)
         if index >= start:
@@ -372,7 +376,6 @@ def blockwise(
         with torch.no_grad():
             x_s = run_block(block, x_s, kwargs, device)
         s_blocks[index] = block.to("cpu")
-        t_out.pop(index - 1, None)
         fisher.pop(index, None)
         if index >= start:
             c = curves[f"block {index}"]
